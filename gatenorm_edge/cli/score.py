@@ -1,0 +1,63 @@
+"""`gatenorm-edge score`: rank a model's attention sublayers by Gate-Norm."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from ..errors import GatenormError
+from ..fileio import write_text_atomic
+from ..score_display import markdown_table, prune_order_line, require_matplotlib, save_plot
+from ..scoring import VARIANTS, score_model
+from .app import app
+
+Variant = Enum("Variant", [(name, name) for name in VARIANTS], type=str)
+
+
+def _check_output_folder(path: Path | None) -> None:
+    if path is not None and not path.resolve().parent.is_dir():
+        raise GatenormError(f"{path}: the folder it would go in does not exist")
+
+
+@app.command()
+def score(
+    model: Path = typer.Argument(
+        ..., help="A GGUF file (any part of a split set), a .safetensors file, or a folder of safetensors shards."
+    ),
+    variant: Variant = typer.Option(
+        "per-head",
+        "--variant",
+        help="per-head: exact per-head score from head_dim Gram matrices (fast); full: the paper's "
+        "literal ||W_Q W_K^T||_F (slow, O(width^3)); folded: per-head with the attention RMSNorm gain folded in.",
+    ),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the report as JSON (the contract `prune --plan` reads)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also write a bar chart PNG (needs the `plot` extra: matplotlib)."),
+) -> None:
+    """Rank attention sublayers by query-key coupling (Gate-Norm), from the weights alone.
+
+    Reads one layer at a time, so it works on checkpoints larger than memory. Prints a table (layer, score, prune rank, bar) and the suggested prune order: least coupled first, layer 0 never listed.
+
+    Examples:
+
+      gatenorm-edge score SmolLM2-135M-Instruct.Q4_1.gguf
+
+      gatenorm-edge score model-00001-of-00003.gguf --json scores.json
+
+      gatenorm-edge score ./Llama-2-13b-hf --variant folded --plot scores.png
+    """
+    _check_output_folder(json_path)
+    _check_output_folder(plot)
+    if plot is not None:
+        require_matplotlib()
+    report = score_model(model, variant=variant.value, progress=True)
+    typer.echo(markdown_table(report))
+    typer.echo(prune_order_line(report))
+    typer.echo(f"Scored {report.n_layers} layers of a {report.architecture} model ({report.variant}) in {report.seconds:.2f} s.")
+    if json_path is not None:
+        write_text_atomic(json_path, report.to_json())
+        typer.echo(f"wrote {json_path}")
+    if plot is not None:
+        save_plot(report, plot)
+        typer.echo(f"wrote {plot}")

@@ -1,0 +1,84 @@
+"""`gatenorm-edge study`: PPL and KLD against the number of removed layers, for every selection criterion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ..criteria import CRITERIA
+from ..errors import GatenormError
+from ..fileio import write_text_atomic
+from ..score_display import require_matplotlib
+from ..study import markdown, run_study, save_plots
+from .app import app
+
+
+def parse_ints(option: str, text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]; anything else is a GatenormError naming ``option``."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise GatenormError(f"{option} takes comma-separated whole numbers such as 1,2,4, not {text!r}") from None
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  gatenorm-edge study SmolLM2-135M-Instruct.Q4_1.gguf --text wiki.test.raw\n\n"
+        "  gatenorm-edge study model.gguf --text wiki.test.raw --counts 1,2,4,6,8 "
+        "--criteria per-head,full,folded,random,last,loo-ppl,greedy-ppl,cosine --json study.json --plot docs/\n\n"
+        "  gatenorm-edge study model.gguf --text wiki.test.raw --calib-text stories.txt --calib-chunks 2 --threads 1"
+    )
+)
+def study(
+    model: Path = typer.Argument(..., help="GGUF model (llama or qwen2)."),
+    text: Path = typer.Option(..., "--text", help="Evaluation text (UTF-8), e.g. WikiText-2 test."),
+    counts: str = typer.Option("1,2,4,6,8", "--counts", help="Numbers of attention sublayers to remove."),
+    criteria: str = typer.Option(",".join(CRITERIA), "--criteria", help=f"Comma-separated, from: {', '.join(CRITERIA)}."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per evaluation chunk."),
+    chunks: int = typer.Option(4, "--chunks", help="Evaluation chunks (after the calibration chunks when the texts are the same)."),
+    calib_text: Path | None = typer.Option(None, "--calib-text", help="Calibration text for loo-ppl, greedy-ppl, cosine (default: the start of --text)."),
+    calib_ctx: int = typer.Option(512, "--calib-ctx", help="Tokens per calibration chunk."),
+    calib_chunks: int = typer.Option(1, "--calib-chunks", help="Calibration chunks (each data-driven evaluation runs them all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random criterion."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for llama.cpp (default: all cores available)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write every measurement as JSON."),
+    plot: Path | None = typer.Option(None, "--plot", help="Folder for PNG plots (needs the `plot` extra: matplotlib)."),
+) -> None:
+    """How well does each criterion choose layers? PPL and KLD vs number of removed attention sublayers.
+
+    Ranks the layers by every criterion (data-driven ones on calibration chunks), removes each criterion's
+    first k layers for every k (prune_gguf into a temporary folder) and evaluates the pruned model in
+    llama.cpp with flash attention on: perplexity (llama-perplexity's method) and KL divergence from the
+    base model, on the same chunks. Also prints each criterion's scoring time and Spearman rho against loo-ppl.
+    """
+    if json_path is not None and not json_path.resolve().parent.is_dir():
+        raise GatenormError(f"{json_path}: the folder it would go in does not exist")
+    if plot is not None:
+        if not plot.is_dir():
+            raise GatenormError(f"{plot}: no such folder (--plot takes a folder)")
+        require_matplotlib()
+    names = [name.strip() for name in criteria.split(",") if name.strip()]
+    result = run_study(
+        model,
+        text,
+        counts=parse_ints("--counts", counts),
+        criteria=names,
+        ctx=ctx,
+        chunks=chunks,
+        calib_text=calib_text,
+        calib_ctx=calib_ctx,
+        calib_chunks=calib_chunks,
+        seed=seed,
+        n_threads=threads,
+        progress=True,
+    )
+    typer.echo(markdown(result))
+    if json_path is not None:
+        write_text_atomic(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+        typer.echo(f"wrote {json_path}")
+    if plot is not None:
+        for path in save_plots(result, plot):
+            typer.echo(f"wrote {path}")

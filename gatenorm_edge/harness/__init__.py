@@ -1,0 +1,1 @@
+"""Measure GGUF models in llama.cpp (through llama-cpp-python): perplexity, KL divergence, speed, memory."""

@@ -1,0 +1,139 @@
+"""KL divergence of a changed model's next-token distributions from the base model's, chunk by chunk.
+
+Same chunks and scored positions as ``perplexity`` (llama-perplexity's method); for every scored
+position KL(P_base || P_changed) = sum_v p_base(v) * (log p_base(v) - log p_changed(v)), and whether both
+models rank the same token first. Reported like ``llama-perplexity --kl-divergence``: mean KLD with its
+standard error, median, 99th percentile (linear interpolation between order statistics), maximum, and
+"same top p". Unlike llama-perplexity, which stores the base log-probabilities quantized to 16 bits and
+drops terms with p_base < e^-16, this computes every term exactly in float64 from both models' logits,
+which are streamed: one chunk's logits per model are held at a time, only per-token KLD values are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GatenormError
+from .perplexity import NllStats, PerplexityResult, chunk_logits, count_chunks, log_softmax, row_blocks
+from .model import open_model
+from .progress import progress_bar
+from .text import read_text
+
+
+@dataclass
+class TokenDivergence:
+    """Per-position KLD, NLLs and top-1 agreement of one chunk."""
+
+    kld: np.ndarray
+    nll_base: np.ndarray
+    nll_other: np.ndarray
+    same_top: np.ndarray
+
+
+def token_divergence(base_logits: np.ndarray, other_logits: np.ndarray, targets: np.ndarray) -> TokenDivergence:
+    """KL(base || other) per row, both NLLs of the targets, and whether the arg-max tokens agree."""
+    n_rows = len(targets)
+    result = TokenDivergence(np.empty(n_rows), np.empty(n_rows), np.empty(n_rows), np.empty(n_rows, dtype=bool))
+    for rows in row_blocks(n_rows):
+        log_p = log_softmax(base_logits[rows])
+        log_q = log_softmax(other_logits[rows])
+        picked = np.arange(log_p.shape[0]), targets[rows]
+        result.kld[rows] = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+        result.nll_base[rows] = -log_p[picked]
+        result.nll_other[rows] = -log_q[picked]
+        result.same_top[rows] = log_p.argmax(axis=-1) == log_q.argmax(axis=-1)
+    return result
+
+
+@dataclass
+class DivergenceResult:
+    """Both perplexities and the divergence statistics; ``to_dict`` for JSON."""
+
+    base: PerplexityResult
+    other: PerplexityResult
+    tokens: int
+    kld_mean: float
+    kld_stderr: float
+    kld_median: float
+    kld_p99: float
+    kld_max: float
+    top1_agreement: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kl_divergence(
+    base_path: Path | str,
+    other_path: Path | str,
+    text: Path | str,
+    ctx: int = 512,
+    chunks: int | None = None,
+    progress: bool = False,
+    *,
+    flash_attn: bool = True,
+    n_threads: int | None = None,
+) -> DivergenceResult:
+    """Evaluate both models on the same chunks of ``text``: PPL of each, KLD of ``other`` from ``base``."""
+    started = time.perf_counter()
+    content = read_text(text)
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(
+            contextlib.closing(open_model(base_path, n_ctx=ctx, flash_attn=flash_attn, n_threads=n_threads))
+        )
+        other = stack.enter_context(
+            contextlib.closing(open_model(other_path, n_ctx=ctx, flash_attn=flash_attn, n_threads=n_threads))
+        )
+        if base.vocab_size != other.vocab_size or base.bos_token != other.bos_token:
+            raise GatenormError(f"{base_path} and {other_path} have different vocabularies")
+        tokens = np.asarray(base.tokenize_text(content), dtype=np.int64)
+        n_chunks = count_chunks(len(tokens), ctx, chunks)
+        base_stats, other_stats = NllStats(), NllStats()
+        kld_values: list[np.ndarray] = []
+        same_top = 0
+        kld_total = 0.0
+        with progress_bar(f"KLD {Path(other_path).name}", n_chunks, progress) as tick:
+            for index in range(n_chunks):
+                base_logits, targets = chunk_logits(base, tokens, index, ctx)
+                other_logits, _ = chunk_logits(other, tokens, index, ctx)
+                chunk = token_divergence(base_logits, other_logits, targets)
+                base_stats.add(chunk.nll_base)
+                other_stats.add(chunk.nll_other)
+                kld_values.append(chunk.kld)
+                same_top += int(chunk.same_top.sum())
+                kld_total += float(chunk.kld.sum())
+                tick(status=f"PPL {base_stats.ppl:.3f} -> {other_stats.ppl:.3f}, KLD {kld_total / base_stats.count:.4f}")
+    kld = np.concatenate(kld_values)
+    seconds = time.perf_counter() - started
+
+    def summary(path: Path | str, stats: NllStats) -> PerplexityResult:
+        return PerplexityResult(
+            model=str(path),
+            text=str(text),
+            ctx=ctx,
+            chunks=n_chunks,
+            tokens_scored=stats.count,
+            ppl=stats.ppl,
+            ppl_stderr=stats.ppl_stderr,
+            seconds=seconds,
+            flash_attn=flash_attn,
+        )
+
+    return DivergenceResult(
+        base=summary(base_path, base_stats),
+        other=summary(other_path, other_stats),
+        tokens=int(kld.size),
+        kld_mean=float(kld.mean()),
+        kld_stderr=float(kld.std() / np.sqrt(kld.size - 1)) if kld.size > 1 else 0.0,
+        kld_median=float(np.median(kld)),
+        kld_p99=float(np.percentile(kld, 99)),
+        kld_max=float(kld.max()),
+        top1_agreement=same_top / kld.size,
+        seconds=seconds,
+    )

@@ -1,0 +1,156 @@
+"""Perplexity exactly as llama.cpp's ``llama-perplexity`` computes it (tools/perplexity/perplexity.cpp).
+
+The whole text is tokenized once (BOS added when the vocab adds one); it is cut into ``len // ctx``
+non-overlapping chunks of ``ctx`` tokens (at least two chunks' worth of tokens are required, as there);
+each chunk is evaluated from an empty KV cache with its first token replaced by BOS when the vocab adds
+BOS; only the second half is scored: the logits at positions ``ctx/2 .. ctx-2`` predict the tokens at
+``ctx/2+1 .. ctx-1``. PPL = exp(mean NLL); its standard error is ``PPL * sqrt(var(NLL) / (n - 1))``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GatenormError
+from .model import LoadedModel, open_model
+from .progress import progress_bar
+from .text import read_text
+
+ROWS_PER_BLOCK = 32  # log-softmax this many rows at a time: float64 work stays a few MB per block
+MIN_CTX = 8
+
+
+@dataclass
+class NllStats:
+    """Running sums of per-token negative log-likelihoods, kept as llama-perplexity keeps them."""
+
+    total: float = 0.0
+    total_sq: float = 0.0
+    count: int = 0
+
+    def add(self, nll: np.ndarray) -> None:
+        self.total += float(nll.sum())
+        self.total_sq += float(np.square(nll).sum())
+        self.count += int(nll.size)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count
+
+    @property
+    def ppl(self) -> float:
+        return float(np.exp(self.mean))
+
+    @property
+    def ppl_stderr(self) -> float:
+        """llama-perplexity's ``PPL +/- x``: PPL times the standard error of the mean NLL (0 when undefined)."""
+        variance = self.total_sq / self.count - self.mean**2
+        if variance <= 0 or self.count < 2:
+            return 0.0
+        return float(np.sqrt(variance / (self.count - 1)) * self.ppl)
+
+
+@dataclass
+class PerplexityResult:
+    """One model's perplexity on one text; ``to_dict`` is the ``ppl --json`` contract."""
+
+    model: str
+    text: str
+    ctx: int
+    chunks: int
+    tokens_scored: int
+    ppl: float
+    ppl_stderr: float
+    seconds: float
+    flash_attn: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_chunks(n_tokens: int, ctx: int, requested: int | None) -> int:
+    """How many chunks llama-perplexity evaluates: ``n_tokens // ctx``, capped at ``requested``."""
+    if ctx < MIN_CTX:
+        raise GatenormError(f"context {ctx} is too small (at least {MIN_CTX} tokens)")
+    if n_tokens < 2 * ctx:
+        raise GatenormError(
+            f"the text is too short: {n_tokens} tokens, but a context of {ctx} needs at least {2 * ctx} "
+            "(as llama-perplexity requires)"
+        )
+    if requested is not None and requested < 1:
+        raise GatenormError(f"--chunks must be at least 1, got {requested}")
+    available = n_tokens // ctx
+    return available if requested is None else min(requested, available)
+
+
+def chunk_logits(model: LoadedModel, tokens: np.ndarray, index: int, ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of chunk ``index``'s scored half and the tokens they predict (rows x vocab, rows)."""
+    start = index * ctx
+    chunk = tokens[start : start + ctx].copy()
+    if model.bos_token is not None:
+        chunk[0] = model.bos_token
+    first = ctx // 2
+    model.clear()
+    logits = model.logits(chunk, output_from=first)[:-1]
+    return logits, tokens[start + first + 1 : start + ctx]
+
+
+def row_blocks(n_rows: int) -> Iterator[slice]:
+    for low in range(0, n_rows, ROWS_PER_BLOCK):
+        yield slice(low, min(low + ROWS_PER_BLOCK, n_rows))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities in float64."""
+    values = logits.astype(np.float64)
+    peak = values.max(axis=-1, keepdims=True)
+    return values - peak - np.log(np.exp(values - peak).sum(axis=-1, keepdims=True))
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each target token under its row of logits (float64)."""
+    nll = np.empty(len(targets), dtype=np.float64)
+    for rows in row_blocks(len(targets)):
+        log_probs = log_softmax(logits[rows])
+        nll[rows] = -log_probs[np.arange(log_probs.shape[0]), targets[rows]]
+    return nll
+
+
+def perplexity(
+    model_path: Path | str,
+    text: Path | str,
+    ctx: int = 512,
+    chunks: int | None = None,
+    progress: bool = False,
+    *,
+    flash_attn: bool = True,
+    n_threads: int | None = None,
+) -> PerplexityResult:
+    """Perplexity of the GGUF at ``model_path`` on the UTF-8 text file ``text`` (llama-perplexity's method)."""
+    started = time.perf_counter()
+    content = read_text(text)
+    with contextlib.closing(open_model(model_path, n_ctx=ctx, flash_attn=flash_attn, n_threads=n_threads)) as model:
+        tokens = np.asarray(model.tokenize_text(content), dtype=np.int64)
+        n_chunks = count_chunks(len(tokens), ctx, chunks)
+        stats = NllStats()
+        with progress_bar(f"perplexity {Path(model_path).name}", n_chunks, progress) as tick:
+            for index in range(n_chunks):
+                stats.add(token_nll(*chunk_logits(model, tokens, index, ctx)))
+                tick(status=f"PPL {stats.ppl:.4f}")
+    return PerplexityResult(
+        model=str(model_path),
+        text=str(text),
+        ctx=ctx,
+        chunks=n_chunks,
+        tokens_scored=stats.count,
+        ppl=stats.ppl,
+        ppl_stderr=stats.ppl_stderr,
+        seconds=time.perf_counter() - started,
+        flash_attn=flash_attn,
+    )

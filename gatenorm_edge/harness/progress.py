@@ -1,0 +1,40 @@
+"""A progress bar on stderr (rich) for long measurements, or nothing when progress is off."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class Ticker(Protocol):
+    def __call__(self, advance: int = 1, status: str | None = None) -> None: ...
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, enabled: bool) -> Iterator[Ticker]:
+    """Yield ``tick(advance=1, status=None)``: moves the bar and shows ``status`` (e.g. the running PPL)."""
+    if not enabled:
+        yield lambda advance=1, status=None: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(description, total=total, status="")
+
+        def tick(advance: int = 1, status: str | None = None) -> None:
+            if status is None:
+                bar.advance(task, advance)
+            else:
+                bar.update(task, advance=advance, status=status)
+
+        yield tick

@@ -1,0 +1,257 @@
+"""CPU speed and memory of GGUF models, measured the way ``llama-bench`` measures them.
+
+pp: a prompt of ``prompt`` random tokens decoded in batches (BOS first when the vocab adds one), timed;
+tg: ``gen`` single-token decodes, timed. Depth D (``llama-bench -d``): before each timed run the KV cache
+already holds D random tokens; the filled cache is built once per depth and restored from a snapshot
+(as llama-bench does), untimed. Each model lives in its own fresh worker process, so load time and peak
+RSS are per model; with several models the runs are interleaved A B A B ..., and the ratios are the
+median of pair-by-pair ratios (model k over model 1). KV-cache bytes are the size llama.cpp reports
+when it creates the context (``n_ctx`` cells = deepest depth + max(prompt, gen), rounded up to 256).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import multiprocessing
+import resource
+import statistics
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from ..errors import GatenormError
+from .model import LoadedModel, default_threads, open_model
+from .progress import progress_bar
+
+KINDS = ("pp", "tg")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to run: the llama-bench knobs we support."""
+
+    prompt: int = 512
+    gen: int = 128
+    depths: tuple[int, ...] = (0, 4096)
+    reps: int = 5
+    threads: int | None = None
+    flash_attn: bool = True
+    seed: int = 1234  # the random tokens: the same sequence for every model
+
+    def __post_init__(self) -> None:
+        if self.prompt < 1 or self.gen < 1 or self.reps < 1:
+            raise GatenormError("--prompt, --gen and --reps must each be at least 1")
+        if not self.depths or min(self.depths) < 0:
+            raise GatenormError("--depth needs one or more depths >= 0, e.g. 0,4096")
+
+    @property
+    def n_ctx(self) -> int:
+        return max(self.depths) + max(self.prompt, self.gen)
+
+
+@dataclass
+class _Runner:
+    """Inside a worker: fills the cache to a depth, then times pp or tg runs."""
+
+    model: LoadedModel
+    settings: BenchSettings
+    rng: np.random.Generator = field(init=False)
+    snapshots: dict[int, ctypes.Array] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.settings.seed)
+
+    def random_tokens(self, count: int) -> np.ndarray:
+        return self.rng.integers(0, self.model.vocab_size, size=count)
+
+    def prompt(self, count: int, start: int) -> None:
+        tokens = self.random_tokens(count)
+        if self.model.bos_token is not None:
+            tokens[0] = self.model.bos_token
+        self.model.logits(tokens, start=start)
+
+    def generate(self, count: int, start: int) -> None:
+        bos = self.model.bos_token
+        token = bos if bos is not None else int(self.random_tokens(1)[0])
+        for step in range(count):
+            self.model.logits([token], start=start + step)
+            token = int(self.random_tokens(1)[0])
+
+    def fill(self, depth: int) -> None:
+        self.model.clear()
+        if depth == 0:
+            return
+        if depth in self.snapshots:
+            self.model.restore_state(self.snapshots[depth], depth)
+        else:
+            self.prompt(depth, 0)
+            self.snapshots[depth] = self.model.save_state()
+
+    def warm_up(self) -> None:
+        self.fill(0)
+        self.prompt(self.settings.prompt, 0)
+        self.fill(0)
+        self.generate(1, 0)
+
+    def timed(self, kind: str, depth: int) -> float:
+        self.fill(depth)
+        started = time.perf_counter()
+        if kind == "pp":
+            self.prompt(self.settings.prompt, depth)
+        else:
+            self.generate(self.settings.gen, depth)
+        llama_cpp.llama_synchronize(self.model.ctx)
+        return time.perf_counter() - started
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _serve(conn: Connection, path: str, settings: BenchSettings) -> None:
+    """Worker process: load one model, answer ("warmup"|"pp"|"tg", depth) requests, report peak RSS at the end."""
+    try:
+        try:
+            model = open_model(
+                path, n_ctx=settings.n_ctx, flash_attn=settings.flash_attn, n_threads=settings.threads
+            )
+        except GatenormError as exc:
+            conn.send(("error", str(exc)))
+            return
+        runner = _Runner(model, settings)
+        cells = int(llama_cpp.llama_n_ctx(model.ctx))
+        conn.send(("ready", {"load_seconds": model.load_seconds, "kv_bytes": model.kv_bytes, "kv_cells": cells}))
+        while (request := conn.recv()) is not None:
+            kind, depth = request
+            if kind == "warmup":
+                runner.warm_up()
+                conn.send(("ok", 0.0))
+            else:
+                conn.send(("ok", runner.timed(kind, depth)))
+        conn.send(("ok", _peak_rss_bytes()))
+    except Exception:  # a bug, not bad input: hand the traceback to the parent
+        conn.send(("crash", traceback.format_exc()))
+
+
+class _Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, path: Path, settings: BenchSettings) -> None:
+        self.path = path
+        context = multiprocessing.get_context("spawn")
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child_conn, str(path), settings), daemon=True)
+        self.process.start()
+        child_conn.close()
+        self.info: dict[str, Any] = self._receive()
+
+    def _receive(self) -> Any:
+        try:
+            status, payload = self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise GatenormError(f"{self.path}: the benchmark process died (exit code {self.process.exitcode})") from None
+        if status == "error":
+            raise GatenormError(payload)
+        if status == "crash":
+            raise RuntimeError(f"benchmark worker for {self.path} failed:\n{payload}")
+        return payload
+
+    def ask(self, kind: str, depth: int) -> float:
+        self.conn.send((kind, depth))
+        return self._receive()
+
+    def finish(self) -> int:
+        """Stop the worker; its peak RSS in bytes."""
+        self.conn.send(None)
+        rss = self._receive()
+        self.process.join(10)
+        return rss
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+
+
+def model_labels(paths: Sequence[Path]) -> list[str]:
+    """Labels for the JSON keys: the paths as given, made unique."""
+    labels: list[str] = []
+    for path in paths:
+        label = str(path)
+        while label in labels:
+            label += "'"
+        labels.append(label)
+    return labels
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
+
+
+def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(), progress: bool = False) -> dict[str, Any]:
+    """Benchmark one or more models interleaved; the ``bench --json`` contract."""
+    paths = [Path(m) for m in models]
+    for path in paths:
+        if not path.is_file():
+            raise GatenormError(f"{path}: no such file")
+    labels = model_labels(paths)
+    threads = settings.threads or default_threads()
+    settings = dataclasses.replace(settings, threads=threads)
+    counts = {"pp": settings.prompt, "tg": settings.gen}
+    tps: dict[str, dict[str, dict[int, list[float]]]] = {
+        kind: {label: {d: [] for d in settings.depths} for label in labels} for kind in KINDS
+    }
+    started = time.perf_counter()
+    workers: list[_Worker] = []
+    try:
+        for path in paths:
+            workers.append(_Worker(path, settings))
+        steps = len(settings.depths) * settings.reps * len(KINDS) * len(workers)
+        with progress_bar("bench " + " vs ".join(p.name for p in paths), steps, progress) as tick:
+            for worker in workers:
+                worker.ask("warmup", 0)
+            for depth in settings.depths:
+                for _ in range(settings.reps):
+                    for kind in KINDS:
+                        for label, worker in zip(labels, workers):
+                            rate = counts[kind] / worker.ask(kind, depth)
+                            tps[kind][label][depth].append(rate)
+                            tick(status=f"{kind} d{depth} {rate:.1f} t/s")
+        rss = {label: worker.finish() for label, worker in zip(labels, workers)}
+    finally:
+        for worker in workers:
+            worker.kill()
+    ratios: dict[str, dict[str, float]] = {kind: {} for kind in KINDS}
+    if len(labels) > 1:
+        first, other = labels[0], labels[1]
+        for kind in KINDS:
+            for depth in settings.depths:
+                pairs = zip(tps[kind][other][depth], tps[kind][first][depth])
+                ratios[kind][str(depth)] = statistics.median(b / a for b, a in pairs)
+    return {
+        "models": labels,
+        "depths": list(settings.depths),
+        "prompt": settings.prompt,
+        "gen": settings.gen,
+        "reps": settings.reps,
+        "threads": threads,
+        "flash_attn": settings.flash_attn,
+        "pp_tps": {label: {str(d): _spread(v) for d, v in tps["pp"][label].items()} for label in labels},
+        "tg_tps": {label: {str(d): _spread(v) for d, v in tps["tg"][label].items()} for label in labels},
+        "ratios": ratios,
+        "kv_bytes": {label: w.info["kv_bytes"] for label, w in zip(labels, workers)},
+        "kv_cells": {label: w.info["kv_cells"] for label, w in zip(labels, workers)},
+        "load_seconds": {label: w.info["load_seconds"] for label, w in zip(labels, workers)},
+        "rss_bytes": rss,
+        "seconds": time.perf_counter() - started,
+    }

@@ -1,0 +1,18 @@
+"""Read model tensors by name from GGUF files and HF safetensors checkpoints, without loading the model."""
+
+from .architectures import ARCHITECTURES, Architecture, AttentionNames
+from .gguf_file import GGUFFile
+from .model_source import AttentionGeometry, LayerAttention, ModelSource, open_source
+from .safetensors_file import SafetensorsCheckpoint
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "AttentionGeometry",
+    "AttentionNames",
+    "GGUFFile",
+    "LayerAttention",
+    "ModelSource",
+    "SafetensorsCheckpoint",
+    "open_source",
+]

@@ -1,0 +1,332 @@
+"""How well does each criterion choose layers? PPL and KLD against the number of removed attention sublayers.
+
+For every criterion (see :mod:`gatenorm_edge.criteria`) and every count k, the k first layers of its prune
+order are removed with ``prune_gguf`` (into a temporary folder) and the pruned model is evaluated in
+llama.cpp with flash attention on, on the same evaluation chunks as the base model, by llama-perplexity's
+method: perplexity, and the KL divergence of its next-token distributions from the base model's. Identical
+layer sets are evaluated once. The base model's logits are computed once and kept on disk (memory-mapped).
+
+Data-driven criteria are calibrated on other tokens than the evaluation: by default the first
+``calib_chunks`` chunks of the text, the evaluation starting after them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from .criteria import (
+    CRITERIA,
+    DATA_DRIVEN,
+    CriterionResult,
+    PrunedPerplexity,
+    TextChunks,
+    rank_layers,
+    spearman_vs,
+)
+from .errors import GatenormError
+from .fileio import atomic_output
+from .harness.kld import token_divergence
+from .harness.model import open_model
+from .harness.perplexity import NllStats, chunk_logits, token_nll
+from .harness.progress import progress_bar
+from .rewrite import prune_gguf
+from .sources.gguf_file import GGUFFile
+
+DEFAULT_CRITERION = "per-head"  # what `prune --count` uses: the one held to the 10% bar
+ORACLE = "greedy-ppl"
+RANK_REFERENCE = "loo-ppl"
+BAR = 0.10
+
+
+@dataclass
+class EvalPoint:
+    """One pruned model on the evaluation chunks."""
+
+    k: int
+    layers: list[int]
+    ppl: float
+    ppl_stderr: float
+    kld: float
+    kld_stderr: float
+    top1_agreement: float
+
+
+@dataclass
+class CriterionStudy:
+    """A criterion's ranking, its agreement with ``loo-ppl`` and its PPL/KLD at each count."""
+
+    ranking: CriterionResult
+    spearman_vs_loo_ppl: float | None
+    points: list[EvalPoint] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.ranking.to_dict(), "spearman_vs_loo_ppl": self.spearman_vs_loo_ppl, "points": [asdict(p) for p in self.points]}
+
+
+@dataclass
+class StudyResult:
+    """Everything the study measured; ``to_dict`` is the ``study --json`` contract."""
+
+    model: str
+    n_layers: int
+    counts: list[int]
+    flash_attn: bool
+    threads: int | None
+    calibration: dict[str, Any]
+    evaluation: dict[str, Any]
+    base_ppl: float
+    base_ppl_stderr: float
+    models_evaluated: int
+    criteria: list[CriterionStudy]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {key: value for key, value in asdict(self).items() if key != "criteria"}
+        data["criteria"] = [study.to_dict() for study in self.criteria]
+        return data
+
+    def criterion(self, name: str) -> CriterionStudy | None:
+        return next((study for study in self.criteria if study.ranking.criterion == name), None)
+
+
+class PrunedEvaluation:
+    """PPL and KLD (from the base model) of pruned variants on fixed evaluation chunks, cached by layer set."""
+
+    def __init__(self, model: Path, chunks: TextChunks, workdir: Path, n_threads: int | None = None) -> None:
+        self.model = model
+        self.chunks = chunks
+        self.workdir = workdir
+        self.n_threads = n_threads
+        self.cache: dict[frozenset[int], EvalPoint] = {}
+        c = chunks
+        with contextlib.closing(open_model(model, n_ctx=c.ctx, n_threads=n_threads)) as base:
+            rows = c.ctx - c.ctx // 2 - 1
+            self.base_logits = np.lib.format.open_memmap(
+                workdir / "base-logits.npy", mode="w+", dtype=np.float32, shape=(c.chunks, rows, base.vocab_size)
+            )
+            self.base_stats = NllStats()
+            for index in range(c.chunks):
+                logits, targets = chunk_logits(base, c.tokens, index, c.ctx)
+                self.base_logits[index] = logits
+                self.base_stats.add(token_nll(logits, targets))
+
+    def __call__(self, layers: Sequence[int]) -> EvalPoint:
+        key = frozenset(layers)
+        if key not in self.cache:
+            path = self.workdir / "evaluated.gguf"
+            prune_gguf(self.model, path, sorted(key), force=True)
+            c = self.chunks
+            stats = NllStats()
+            kld: list[np.ndarray] = []
+            same_top = 0
+            with contextlib.closing(open_model(path, n_ctx=c.ctx, n_threads=self.n_threads)) as pruned:
+                for index in range(c.chunks):
+                    logits, targets = chunk_logits(pruned, c.tokens, index, c.ctx)
+                    divergence = token_divergence(self.base_logits[index], logits, targets)
+                    stats.add(divergence.nll_other)
+                    kld.append(divergence.kld)
+                    same_top += int(divergence.same_top.sum())
+            values = np.concatenate(kld)
+            self.cache[key] = EvalPoint(
+                k=len(key),
+                layers=sorted(key),
+                ppl=stats.ppl,
+                ppl_stderr=stats.ppl_stderr,
+                kld=float(values.mean()),
+                kld_stderr=float(values.std() / math.sqrt(values.size - 1)) if values.size > 1 else 0.0,
+                top1_agreement=same_top / values.size,
+            )
+        return self.cache[key]
+
+
+def _check_request(model: Path, counts: Sequence[int], criteria: Sequence[str]) -> int:
+    n_layers = int(GGUFFile(model).arch_value("block_count"))
+    unknown = [name for name in criteria if name not in CRITERIA]
+    if unknown:
+        raise GatenormError(f"unknown criteria {', '.join(unknown)} (choose from {', '.join(CRITERIA)})")
+    if not criteria:
+        raise GatenormError("give at least one criterion")
+    bad = [k for k in counts if not 1 <= k <= n_layers - 2]
+    if not counts or bad:
+        raise GatenormError(f"counts must be between 1 and {n_layers - 2} for a {n_layers}-layer model (got {list(counts)})")
+    return n_layers
+
+
+def run_study(
+    model: Path | str,
+    text: Path | str,
+    *,
+    counts: Sequence[int] = (1, 2, 4, 6, 8),
+    criteria: Sequence[str] = CRITERIA,
+    ctx: int = 512,
+    chunks: int = 4,
+    calib_text: Path | str | None = None,
+    calib_ctx: int = 512,
+    calib_chunks: int = 1,
+    seed: int = 0,
+    n_threads: int | None = None,
+    progress: bool = False,
+) -> StudyResult:
+    """Rank layers by every criterion, then evaluate each criterion's first k layers removed, for every k.
+
+    Calibration: ``calib_chunks`` chunks of ``calib_ctx`` tokens of ``calib_text`` (default: the start of
+    ``text``; the evaluation's ``chunks`` chunks of ``ctx`` tokens then start after them).
+    """
+    started = time.perf_counter()
+    model = Path(model)
+    counts = sorted(set(counts))
+    n_layers = _check_request(model, counts, criteria)
+    console = Console(stderr=True, quiet=not progress)
+    same_text = calib_text is None or Path(calib_text).resolve() == Path(text).resolve()
+    first_eval_chunk = math.ceil(calib_chunks * calib_ctx / ctx) if same_text else 0
+    with tempfile.TemporaryDirectory(prefix="gatenorm-study-") as folder:
+        workdir = Path(folder)
+        evaluation = TextChunks.from_text(model, text, ctx, chunks, first_eval_chunk)
+        calibration = None
+        if any(name in DATA_DRIVEN for name in criteria):
+            calibration = TextChunks.from_text(model, calib_text or text, calib_ctx, calib_chunks)
+        calibrate = PrunedPerplexity(model, calibration, workdir, n_threads) if calibration else None
+        rankings: dict[str, CriterionResult] = {}
+        # loo-ppl first: greedy-ppl's first step reuses its evaluations (and reports their cost as its own).
+        for name in sorted(criteria, key=lambda name: name != "loo-ppl"):
+            with console.status(f"ranking layers by {name}"):
+                rankings[name] = rank_layers(
+                    model, name, evaluate=calibrate, steps=max(counts), seed=seed, n_threads=n_threads
+                )
+            console.print(f"{name}: {rankings[name].seconds:.2f} s, order {rankings[name].prune_order[: max(counts)]}")
+        with console.status("evaluating the base model"):
+            evaluate = PrunedEvaluation(model, evaluation, workdir, n_threads)
+        wanted = {frozenset(rankings[name].prune_order[:k]) for name in criteria for k in counts}
+        with progress_bar("evaluating pruned models", len(wanted), progress) as tick:
+            for layers in sorted(wanted, key=lambda s: (len(s), sorted(s))):
+                point = evaluate(sorted(layers))
+                tick(status=f"k={point.k} PPL {point.ppl:.3f}")
+        reference = rankings.get(RANK_REFERENCE)
+        studies = [
+            CriterionStudy(
+                ranking=rankings[name],
+                spearman_vs_loo_ppl=spearman_vs(reference, rankings[name]) if reference else None,
+                points=[evaluate(rankings[name].prune_order[:k]) for k in counts],
+            )
+            for name in criteria
+        ]
+    return StudyResult(
+        model=str(model),
+        n_layers=n_layers,
+        counts=counts,
+        flash_attn=True,
+        threads=n_threads,
+        calibration=calibration.describe() if calibration else {},
+        evaluation={**evaluation.describe(), "tokens_scored": evaluate.base_stats.count},
+        base_ppl=evaluate.base_stats.ppl,
+        base_ppl_stderr=evaluate.base_stats.ppl_stderr,
+        models_evaluated=len(evaluate.cache),
+        criteria=studies,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _cell(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def markdown(result: StudyResult) -> str:
+    """Tables for people: PPL (KLD) per criterion and count, ranking agreement and cost, and the 10% bar."""
+    ev, cal = result.evaluation, result.calibration
+    lines = [
+        f"Model {Path(result.model).name} ({result.n_layers} layers); flash attention on; "
+        f"evaluation: {ev['chunks']} chunks x {ev['ctx']} tokens of {Path(ev['text']).name} from chunk {ev['first_chunk']} "
+        f"({ev['tokens_scored']} tokens scored); base PPL {result.base_ppl:.3f} ± {result.base_ppl_stderr:.3f}.",
+    ]
+    if cal:
+        lines.append(
+            f"Calibration (data-driven criteria): {cal['chunks']} chunk(s) x {cal['ctx']} tokens of "
+            f"{Path(cal['text']).name} from chunk {cal['first_chunk']}."
+        )
+    header = "| criterion | scoring s | ρ vs loo-ppl | " + " | ".join(f"k={k} PPL (KLD)" for k in result.counts) + " |"
+    lines += ["", header, "|---|" + "---:|" * (2 + len(result.counts))]
+    for study in result.criteria:
+        cells = [f"{p.ppl:.3f} ({p.kld:.3f})" for p in study.points]
+        lines.append(
+            f"| {study.ranking.criterion} | {study.ranking.seconds:.3g} | {_cell(study.spearman_vs_loo_ppl)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += ["", "| criterion | prune order (first " + str(max(result.counts)) + ") |", "|---|---|"]
+    for study in result.criteria:
+        lines.append(f"| {study.ranking.criterion} | {', '.join(map(str, study.ranking.prune_order[: max(result.counts)]))} |")
+    oracle = result.criterion(ORACLE)
+    data_free = [s for s in result.criteria if s.ranking.criterion not in DATA_DRIVEN]
+    if oracle and data_free:
+        lines += ["", f"PPL relative to {ORACLE} (the bar: within {BAR:.0%} at every k):", ""]
+        lines.append("| criterion | " + " | ".join(f"k={k}" for k in result.counts) + " | within bar |")
+        lines.append("|---|" + "---:|" * len(result.counts) + "---|")
+        for study in data_free:
+            ratios = [p.ppl / o.ppl - 1 for p, o in zip(study.points, oracle.points)]
+            verdict = "yes" if all(r <= BAR for r in ratios) else f"no (worst {max(ratios):+.1%})"
+            name = study.ranking.criterion + (" (default)" if study.ranking.criterion == DEFAULT_CRITERION else "")
+            lines.append(f"| {name} | " + " | ".join(f"{r:+.1%}" for r in ratios) + f" | {verdict} |")
+    lines.append("")
+    lines.append(f"{result.models_evaluated} pruned models evaluated; study took {result.seconds:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def _save(figure: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    with atomic_output(path, force=True) as handle:
+        handle.write(buffer.getvalue())
+
+
+def save_plots(result: StudyResult, folder: Path) -> list[Path]:
+    """``<model>-ppl-kld.png`` (PPL and KLD against k per criterion) and ``<model>-scores.png`` (per-layer scores)."""
+    from .score_display import require_matplotlib
+
+    plt = require_matplotlib()
+    stem = Path(result.model).stem
+    paths = [folder / f"{stem}-ppl-kld.png", folder / f"{stem}-scores.png"]
+    figure, (ppl_axes, kld_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for study in result.criteria:
+        style = "--" if study.ranking.criterion in DATA_DRIVEN else "-"
+        ks = [0] + result.counts
+        ppl_axes.plot(ks, [result.base_ppl] + [p.ppl for p in study.points], style, marker="o", label=study.ranking.criterion)
+        kld_axes.plot(ks, [0.0] + [p.kld for p in study.points], style, marker="o", label=study.ranking.criterion)
+    ppl_axes.set_yscale("log")
+    for axes, label in ((ppl_axes, "perplexity (log scale)"), (kld_axes, "KL divergence from base (nats/token)")):
+        axes.set_xlabel("attention sublayers removed (k)")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+    kld_axes.legend(fontsize=8, ncol=2)
+    figure.suptitle(f"{Path(result.model).name}: evaluation {result.evaluation['chunks']} x {result.evaluation['ctx']} tokens, FA on")
+    figure.tight_layout()
+    _save(figure, paths[0])
+    plt.close(figure)
+
+    layers = list(range(1, result.n_layers))
+    figure, axes_list = plt.subplots(len(result.criteria), 1, figsize=(max(6.0, 0.28 * len(layers)), 1.3 * len(result.criteria) + 0.6), sharex=True, squeeze=False)
+    for axes, study in zip(axes_list[:, 0], result.criteria):
+        values = np.array([study.ranking.scores[i] for i in layers], dtype=np.float64)
+        spread = np.ptp(values) or 1.0
+        first = set(study.ranking.prune_order[: max(result.counts)])
+        colors = ["tab:red" if i in first else "tab:blue" for i in layers]
+        axes.bar(layers, 0.05 + (values - values.min()) / spread, color=colors)
+        rho = "" if study.spearman_vs_loo_ppl is None else f"  ρ={study.spearman_vs_loo_ppl:+.2f}"
+        axes.set_ylabel(study.ranking.criterion + rho, rotation=0, ha="right", va="center", fontsize=8)
+        axes.set_yticks([])
+    axes_list[-1, 0].set_xlabel(f"layer (red: the first {max(result.counts)} removed; bars: score scaled to its min..max, low = removed first)")
+    axes_list[-1, 0].set_xticks(layers)
+    figure.tight_layout()
+    _save(figure, paths[1])
+    plt.close(figure)
+    return paths

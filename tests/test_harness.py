@@ -1,0 +1,179 @@
+"""Perplexity, KL divergence, KV bytes and bench of the llama.cpp harness, checked against independent computations.
+
+The reference side uses llama-cpp-python's high-level ``Llama.eval`` with ``logits_all=True`` (every
+position's raw logits) and NumPy float64 log-softmax, chunked as llama-perplexity chunks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from gatenorm_edge.harness.kld import kl_divergence
+from gatenorm_edge.harness.model import open_model
+from gatenorm_edge.harness.perplexity import perplexity
+from gatenorm_edge.harness.speed import BenchSettings, bench
+from gatenorm_edge.harness.text import sample_text
+from gatenorm_edge.rewrite import prune_gguf
+
+SMOLLM2_PRUNED_LAYERS = [26, 27, 28, 29]  # any attention-free layers will do for these checks
+STORIES_PRUNED_LAYERS = [3, 4]
+
+
+@pytest.fixture(scope="session")
+def smollm2_pruned(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2") / "pruned.gguf"
+    prune_gguf(smollm2, out, SMOLLM2_PRUNED_LAYERS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stories_pruned(stories260k: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stories") / "pruned.gguf"
+    prune_gguf(stories260k, out, STORIES_PRUNED_LAYERS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2: Path, wikitext: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """SmolLM2's reference log-probs on the first 2 chunks of WikiText-2 test at ctx 512 (shared by two tests)."""
+    return reference_logits(smollm2, wikitext, 512, 2)
+
+
+@pytest.fixture(scope="session")
+def tinystories(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "tinystories" / "tinystories_val_subset.txt"
+
+
+def reference_logits(model: Path, text: Path, ctx: int, n_chunks: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per chunk: float64 log-probs of the scored positions and the target tokens, via Llama.eval(logits_all)."""
+    content = text.read_bytes().decode("utf-8")
+    content = content[:-1] if content.endswith("\n") else content
+    llm = llama_cpp.Llama(str(model), n_ctx=ctx, n_batch=ctx, logits_all=True, flash_attn=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    add_bos = llama_cpp.llama_vocab_get_add_bos(vocab)
+    tokens = llm.tokenize(content.encode("utf-8"), add_bos=True)
+    first = ctx // 2
+    log_probs, targets = [], []
+    for index in range(n_chunks):
+        chunk = tokens[index * ctx : (index + 1) * ctx]
+        inputs = [llm.token_bos()] + chunk[1:] if add_bos else chunk
+        llm.reset()
+        llm.eval(inputs)
+        logits = np.array(llm.scores[first : ctx - 1], dtype=np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs.append(shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True)))
+        targets.append(np.array(chunk[first + 1 : ctx]))
+    llm.close()
+    return log_probs, targets
+
+
+def reference_ppl(log_probs: list[np.ndarray], targets: list[np.ndarray]) -> tuple[float, float, int]:
+    nll = np.concatenate([-lp[np.arange(len(t)), t] for lp, t in zip(log_probs, targets)])
+    ppl = float(np.exp(nll.mean()))
+    return ppl, ppl * float(np.sqrt(nll.var() / (nll.size - 1))), nll.size
+
+
+@pytest.mark.slow
+def test_perplexity_matches_numpy_on_smollm2_wikitext(smollm2: Path, wikitext: Path, smollm2_reference) -> None:
+    ours = perplexity(smollm2, wikitext, ctx=512, chunks=2)
+    ppl, stderr, count = reference_ppl(*smollm2_reference)
+    assert ours.chunks == 2 and ours.tokens_scored == count == 2 * 255
+    assert ours.ppl == pytest.approx(ppl, rel=1e-6)
+    assert ours.ppl_stderr == pytest.approx(stderr, rel=1e-6)
+    assert ours.flash_attn is True
+    assert set(ours.to_dict()) >= {"model", "text", "ctx", "chunks", "tokens_scored", "ppl", "ppl_stderr", "seconds"}
+
+
+@pytest.mark.slow
+def test_perplexity_replaces_first_token_with_bos(stories260k: Path, tinystories: Path) -> None:
+    """stories260K's vocab adds BOS, so each chunk starts with BOS (SmolLM2's does not)."""
+    ours = perplexity(stories260k, tinystories, ctx=128, chunks=3)
+    ppl, stderr, count = reference_ppl(*reference_logits(stories260k, tinystories, 128, 3))
+    assert ours.tokens_scored == count == 3 * 63
+    assert ours.ppl == pytest.approx(ppl, rel=1e-6)
+    assert ours.ppl_stderr == pytest.approx(stderr, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_kl_divergence_matches_numpy(smollm2: Path, smollm2_pruned: Path, wikitext: Path, smollm2_reference) -> None:
+    ours = kl_divergence(smollm2, smollm2_pruned, wikitext, ctx=512, chunks=2)
+    base_lp, targets = smollm2_reference
+    other_lp, _ = reference_logits(smollm2_pruned, wikitext, 512, 2)
+    kld = np.concatenate([(np.exp(p) * (p - q)).sum(axis=1) for p, q in zip(base_lp, other_lp)])
+    same = np.concatenate([p.argmax(axis=1) == q.argmax(axis=1) for p, q in zip(base_lp, other_lp)])
+    assert ours.tokens == kld.size == 2 * 255
+    assert ours.kld_mean == pytest.approx(kld.mean(), rel=1e-6)
+    ordered, position = np.sort(kld), 0.99 * (kld.size - 1)  # llama-perplexity's percentile()
+    low, frac = int(position), position - int(position)
+    assert ours.kld_p99 == pytest.approx((1 - frac) * ordered[low] + frac * ordered[low + 1], rel=1e-6)
+    assert ours.kld_max == pytest.approx(kld.max(), rel=1e-6)
+    assert ours.top1_agreement == pytest.approx(same.mean())
+    assert ours.kld_mean > 1e-3  # removing 4 attention sublayers changes the distributions
+    assert ours.base.ppl == pytest.approx(reference_ppl(base_lp, targets)[0], rel=1e-6)
+    assert ours.other.ppl == pytest.approx(reference_ppl(other_lp, targets)[0], rel=1e-6)
+
+
+def test_kl_divergence_of_a_model_from_itself_is_zero(stories260k: Path, tinystories: Path) -> None:
+    same = kl_divergence(stories260k, stories260k, tinystories, ctx=64, chunks=2)
+    assert same.kld_mean == pytest.approx(0.0, abs=1e-9)
+    assert same.top1_agreement == 1.0
+    assert same.base.ppl == same.other.ppl
+
+
+@pytest.mark.slow
+def test_kv_bytes_match_llama_cpp_and_shrink_with_flash_attention(smollm2: Path, smollm2_pruned: Path) -> None:
+    """SmolLM2: 30 layers x 3 KV heads x 64 dims, f16 K and V; pruned: 26 attention layers."""
+    per_layer = 512 * 3 * 64 * 2  # bytes of K (or V) per layer for 512 cells
+    expected = {
+        (smollm2, True): 30 * 2 * per_layer,
+        (smollm2, False): 30 * 2 * per_layer,
+        (smollm2_pruned, True): 26 * 2 * per_layer,
+        (smollm2_pruned, False): 26 * per_layer + 30 * per_layer,  # without FA every V is padded to the widest
+    }
+    for (path, flash_attn), kv_bytes in expected.items():
+        model = open_model(path, n_ctx=512, flash_attn=flash_attn)
+        try:
+            assert model.kv_bytes == kv_bytes, (path.name, flash_attn)
+        finally:
+            model.close()
+
+
+def test_bench_contract_on_stories260k(stories260k: Path, stories_pruned: Path) -> None:
+    settings = BenchSettings(prompt=32, gen=8, depths=(0, 64), reps=2, threads=1)
+    result = bench([stories260k, stories_pruned], settings)
+    assert set(result) >= {"models", "depths", "pp_tps", "tg_tps", "ratios", "kv_bytes", "rss_bytes", "load_seconds"}
+    base, pruned = result["models"]
+    assert result["depths"] == [0, 64] and result["threads"] == 1 and result["flash_attn"] is True
+    for kind in ("pp_tps", "tg_tps"):
+        for model in (base, pruned):
+            for depth in ("0", "64"):
+                cell = result[kind][model][depth]
+                assert len(cell["samples"]) == 2
+                assert 0 < cell["min"] <= cell["median"] <= cell["max"]
+    for kind in ("pp", "tg"):
+        for depth in ("0", "64"):
+            pairs = [p / b for p, b in zip(result[f"{kind}_tps"][pruned][depth]["samples"], result[f"{kind}_tps"][base][depth]["samples"])]
+            assert result["ratios"][kind][depth] == pytest.approx(float(np.median(pairs)))
+    # 5 layers x 4 KV heads x 8 dims x 2 bytes, K and V, 256 cells (96 rounded up); pruned keeps 3 layers
+    assert result["kv_cells"][base] == 256
+    assert result["kv_bytes"][base] == 5 * 256 * 32 * 2 * 2
+    assert result["kv_bytes"][pruned] == 3 * 256 * 32 * 2 * 2
+    for model in (base, pruned):
+        assert 20 * 2**20 < result["rss_bytes"][model] < 2**31  # a Python process with llama.cpp loaded
+        assert 0 < result["load_seconds"][model] < 60
+
+
+def test_sampled_text_is_reproducible(stories260k: Path) -> None:
+    model = open_model(stories260k, n_ctx=128)
+    try:
+        first = sample_text(model, 80, seed=7, segment=50)
+        second = sample_text(model, 80, seed=7, segment=50)
+        other = sample_text(model, 80, seed=8, segment=50)
+        assert first == second != other
+        assert len(model.tokenize_text(first)) >= 80
+    finally:
+        model.close()

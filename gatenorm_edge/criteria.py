@@ -26,7 +26,7 @@ import contextlib
 import math
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,7 @@ class PrunedPerplexity:
         self.n_threads = n_threads
         self.ppl: dict[frozenset[int], float] = {}
         self.seconds: dict[frozenset[int], float] = {}
+        self.on_evaluated: Callable[[int], None] = lambda count: None  # told how many sets are evaluated so far
 
     def __call__(self, layers: Iterable[int]) -> float:
         key = frozenset(layers)
@@ -111,6 +112,7 @@ class PrunedPerplexity:
                     stats.add(token_nll(*chunk_logits(loaded, c.tokens, index, c.ctx)))
             self.ppl[key] = stats.ppl
             self.seconds[key] = time.perf_counter() - started
+            self.on_evaluated(len(self.ppl))
         return self.ppl[key]
 
     def cost(self, keys: Iterable[frozenset[int]]) -> float:

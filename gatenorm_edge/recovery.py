@@ -34,7 +34,7 @@ from .harness.perplexity import count_chunks, perplexity
 from .harness.progress import progress_bar
 from .harness.text import read_text
 from .reference import ReferenceModel, rms_norm
-from .rewrite import LinearMaps, PruneResult, plan_rewrite, prune_gguf
+from .rewrite import LinearMaps, PruneResult, check_output_path, plan_rewrite, prune_gguf
 from .sources.gguf_file import GGUFFile
 
 MODES = ("drop", "linear", "fold-vo")
@@ -208,6 +208,20 @@ def search_alpha(
 # the whole prune with a mode
 
 
+def check_recovery_options(mode: str, alpha: float, alpha_search_text: Path | None, calib_text: Path | None) -> None:
+    """Refuse an unknown mode, or options that belong to another mode, before any work is done."""
+    if mode not in MODES:
+        raise GatenormError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if not np.isfinite(alpha):
+        raise GatenormError(f"--alpha must be a finite number, not {alpha}")
+    if mode != "fold-vo" and (alpha != 1.0 or alpha_search_text is not None):
+        raise GatenormError("--alpha and --alpha-search apply to --mode fold-vo only")
+    if mode != "linear" and calib_text is not None:
+        raise GatenormError("--calib applies to --mode linear only")
+    if mode == "linear" and calib_text is None:
+        raise GatenormError("--mode linear needs --calib TEXT (calibration text, not the evaluation text)")
+
+
 def prune_with_recovery(
     src: Path,
     dst: Path,
@@ -226,12 +240,7 @@ def prune_with_recovery(
 ) -> tuple[PruneResult, RecoveryReport]:
     """``prune_gguf`` with the removed attention of ``layers`` dropped, folded (fold-vo) or fitted (linear)."""
     src, dst = Path(src), Path(dst)
-    if mode not in MODES:
-        raise GatenormError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if mode != "fold-vo" and (alpha != 1.0 or alpha_search_text is not None):
-        raise GatenormError("--alpha and --alpha-search apply to --mode fold-vo only")
-    if mode != "linear" and calib_text is not None:
-        raise GatenormError("--calib applies to --mode linear only")
+    check_recovery_options(mode, alpha, alpha_search_text, calib_text)
     provenance = dict(provenance or {}, mode=mode)
     report = RecoveryReport(mode=mode)
     if mode == "drop":
@@ -239,21 +248,16 @@ def prune_with_recovery(
     if not src.is_file():
         raise GatenormError(f"{src}: no such file")
     # Validate the request and the output path before any expensive fitting or searching.
+    check_output_path(src, dst, force)
     plan_rewrite(src, layers, provenance, linear=True)
-    if dst.exists() and not force:
-        raise GatenormError(f"{dst} exists; pass --force to overwrite it")
     if mode == "fold-vo":
         if alpha_search_text is not None:
             alpha, report.alpha_search = search_alpha(src, dst.resolve().parent, layers, alpha_search_text, progress)
             provenance["alpha_search"] = f"{alpha_search_text.name}, ctx {ALPHA_SEARCH_CTX}, {ALPHA_SEARCH_CHUNKS} chunks"
-        if not np.isfinite(alpha):
-            raise GatenormError(f"--alpha must be a finite number, not {alpha}")
         report.alpha = alpha
         provenance["alpha"] = repr(alpha)
         maps = fold_vo_maps(src, alpha)
     else:
-        if calib_text is None:
-            raise GatenormError("--mode linear needs --calib TEXT (calibration text, not the evaluation text)")
         if calib_tokens < 1 or calib_ctx < 2 or ridge < 0:
             raise GatenormError("--calib-tokens and --calib-ctx must be positive and --ridge at least 0")
         sequences = calibration_sequences(src, calib_text, calib_tokens, calib_ctx)

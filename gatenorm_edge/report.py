@@ -1,12 +1,20 @@
-"""Reports for people and machines: Markdown tables and JSON files (written atomically)."""
+"""Reports for people and machines: Markdown tables, JSON files and PNG plots (all written atomically)."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from .fileio import write_text_atomic
+from .errors import GatenormError
+from .fileio import atomic_output, write_text_atomic
+
+if TYPE_CHECKING:
+    from .scoring import ScoreReport
+
+BAR_WIDTH = 30
 
 
 def write_json(path: Path | str, data: Any) -> None:
@@ -154,3 +162,57 @@ def compare_markdown(result: dict[str, Any]) -> str:
             "speed ratios are medians of pair-by-pair ratios, runs interleaved base/pruned."
         )
     return markdown_table(header, rows) + notes
+
+
+def score_markdown(report: ScoreReport) -> str:
+    """Layer, score, prune rank (1 = removed first; layer 0 is always kept) and a bar scaled to the maximum."""
+    rank = {layer: position for position, layer in enumerate(report.prune_order, start=1)}
+    top = max((entry.score for entry in report.layers), default=0.0) or 1.0
+    rows = []
+    for entry in report.layers:
+        bar = "█" * max(1, round(BAR_WIDTH * entry.score / top)) if entry.score > 0 else ""
+        rows.append([str(entry.layer), f"{entry.score:.6g}", str(rank.get(entry.layer, "kept")), bar])
+    return markdown_table(["layer", "score", "prune rank", "coupling"], rows) + "\n"
+
+
+def prune_order_line(report: ScoreReport) -> str:
+    return "Suggested prune order (least coupled first; layer 0 is never pruned): " + ", ".join(
+        str(layer) for layer in report.prune_order
+    )
+
+
+def require_matplotlib() -> ModuleType:
+    """matplotlib.pyplot with the file-only Agg backend, or a clear error naming the extra to install."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise GatenormError("--plot needs matplotlib: pip install 'gatenorm-edge[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: Any, path: Path, dpi: int = 120) -> None:
+    """Render a matplotlib figure to PNG and write it atomically; the figure is closed."""
+    plt = require_matplotlib()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    with atomic_output(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def save_score_plot(report: ScoreReport, path: Path) -> None:
+    """A bar chart of the scores by layer, the least coupled quarter highlighted."""
+    plt = require_matplotlib()
+    first = set(report.prune_order[: max(1, len(report.prune_order) // 4)])
+    layers = [entry.layer for entry in report.layers]
+    colors = ["tab:red" if layer in first else "tab:blue" for layer in layers]
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.25 * len(layers)), 3.5))
+    axes.bar(layers, [entry.score for entry in report.layers], color=colors)
+    axes.set_xlabel("layer")
+    axes.set_ylabel(f"Gate-Norm score ({report.variant})")
+    axes.set_title(f"{Path(report.model).name}: red = least coupled quarter")
+    figure.tight_layout()
+    save_figure(figure, path)

@@ -526,7 +526,8 @@ def _write_linear(dst_fd: int, copy: _TensorCopy, linear_maps: LinearMaps) -> No
     _write_all(dst_fd, data)
 
 
-def _check_output_path(src: Path, dst: Path, force: bool) -> None:
+def check_output_path(src: Path, dst: Path, force: bool) -> None:
+    """Refuse an output that is the input, a directory, an existing file without ``force``, or in no folder."""
     if (dst.exists() and os.path.samefile(src, dst)) or dst.resolve() == src.resolve():
         raise GatenormError(f"output {dst} is the input file; choose another output path")
     if dst.is_dir():
@@ -566,7 +567,7 @@ def prune_gguf(
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise GatenormError(f"{src}: no such file")
-    _check_output_path(src, dst, force)
+    check_output_path(src, dst, force)
     plan = plan_rewrite(src, layers, provenance, linear=linear_maps is not None)
     _check_free_space(dst, plan.output_bytes)
 

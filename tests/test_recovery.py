@@ -134,8 +134,11 @@ def test_linear_layers_in_llama_cpp_match_reference(stories260k: Path, tinystori
         got = llama_cpp_logits(path, TOKENS)
         np.testing.assert_allclose(got, expected, atol=1e-4)
         assert np.abs(got - dropped).max() > 0.1 and np.abs(got - full).max() > 0.1  # the layers do something
-        # the reference reading the rewritten file (head_count_kv 0 -> linear) is the same model
-        np.testing.assert_allclose(ReferenceModel.from_gguf(path).forward(TOKENS), expected, atol=1e-12)
+        # the reference reading the rewritten file (head_count_kv 0 -> linear) runs the stored matrices
+        stored = {layer: tensor_f32(path, f"blk.{layer}.attn_output.weight") for layer in LAYERS}
+        np.testing.assert_allclose(
+            ReferenceModel.from_gguf(path).forward(TOKENS), reference.forward(TOKENS, linear_attention=stored), atol=1e-12
+        )
     assert [fit.layer for fit in report.fits] == LAYERS
 
 
@@ -218,3 +221,26 @@ def test_cli_refuses_mode_on_unsupported_architecture(gemma3: Path, tmp_path: Pa
     out = tmp_path / "out.gguf"
     assert_one_line_error(cli("prune", gemma3, out, "--layers", "3", "--mode", "fold-vo"), out, "gemma3")
     assert_one_line_error(cli("prune", gemma3, out, "--layers", "3", "--mode", "linear", "--calib", gemma3), out, "gemma3")
+
+
+def test_compare_and_inspect_show_the_cost_of_each_mode(stories260k: Path, tinystories: Path, tmp_path: Path) -> None:
+    from gatenorm_edge.harness.compare import compare
+    from gatenorm_edge.report import compare_markdown
+
+    dropped, folded = tmp_path / "drop.gguf", tmp_path / "fold.gguf"
+    prune_with_recovery(stories260k, dropped, LAYERS, "drop")
+    prune_with_recovery(stories260k, folded, LAYERS, "fold-vo")
+    per_layer_attention = 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64)
+    costs = {path: attention_cost(path)["per_token"] for path in (stories260k, dropped, folded)}
+    assert costs[stories260k]["flops"] == 5 * per_layer_attention
+    assert costs[dropped]["flops"] == 3 * per_layer_attention
+    assert costs[folded]["flops"] == 3 * per_layer_attention + 2 * 2 * 64 * 64
+    assert costs[dropped]["kv_bytes"] == costs[folded]["kv_bytes"] == 3 * 2 * 32 * 2
+    assert costs[dropped]["flops_per_context_token"] == costs[folded]["flops_per_context_token"] == 3 * 4 * 8 * 8
+    result = compare(stories260k, folded, tinystories, ctx=64, chunks=2, speed=None)
+    assert result["attention_cost"]["pruned"]["per_token"] == costs[folded]
+    table = compare_markdown(result)
+    assert "| attention layers | 5 attention, 0 linear, 0 free | 3 attention, 2 linear, 0 free |" in table
+    inspected = cli("inspect", folded)
+    assert inspected.returncode == 0 and "| attention layers | 3 attention, 2 linear, 0 free |" in inspected.stdout
+    assert f"| attention FLOPs/token (matrices) | {costs[folded]['flops']:,} |" in inspected.stdout

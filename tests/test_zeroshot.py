@@ -166,10 +166,13 @@ def smollm2_pair(smollm2: Path):
 @pytest.mark.slow
 @pytest.mark.parametrize("task", list(zs.TASKS))
 def test_loglikelihoods_match_raw_logits(smollm2_pair, shared_dir: Path, task: str) -> None:
-    """Every format, 2 examples (BoolQ's passages are long: 1): with context reuse and without, ours equal the
-    independent computation."""
+    """Every format, 2 examples (BoolQ's passages are long: the shortest of its first 20): with context reuse
+    and without, ours equal the independent computation."""
     model, reference = smollm2_pair
-    for example in zs.load_task(task, shared_dir / "data", limit=1 if task == "boolq" else 2):
+    examples = zs.load_task(task, shared_dir / "data", limit=20)
+    if task == "boolq":
+        examples = [min(examples, key=lambda example: len(example.requests[0][0]))]
+    for example in examples[:2]:
         choices = zs.tokenize_example(model, example)
         expected = [reference_loglikelihood(reference, *request) for request in example.requests]
         reused = zs.choice_loglikelihoods(model, choices, reuse=True)
@@ -179,6 +182,20 @@ def test_loglikelihoods_match_raw_logits(smollm2_pair, shared_dir: Path, task: s
         np.testing.assert_allclose(reused, fresh, rtol=1e-5, atol=1e-4)
         if task in ("hellaswag", "rte", "boolq"):  # one shared context: reuse must actually share it
             assert zs.shared_prefix(choices) >= min(choice.start for choice in choices)
+
+
+@pytest.mark.slow
+def test_choices_sharing_their_first_tokens(smollm2_pair) -> None:
+    """The shared prefix runs past the context into the continuations; their first rows come from it."""
+    model, reference = smollm2_pair
+    context = "Question: Where did the cat sit?\nAnswer:"
+    for endings in ((" on the warm mat", " on the cold floor"), (" on the warm mat", " on the cold floor", " on")):
+        example = zs.Example(0, tuple((context, ending) for ending in endings), 0, tuple(map(len, endings)))
+        choices = zs.tokenize_example(model, example)
+        # " on the" is shared past the context; a choice " on" (one token) caps the prefix at all but its last.
+        assert zs.shared_prefix(choices) == min(choices[0].start + 2, min(len(c.tokens) for c in choices) - 1)
+        expected = [reference_loglikelihood(reference, *request) for request in example.requests]
+        np.testing.assert_allclose(zs.choice_loglikelihoods(model, choices), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -262,6 +279,7 @@ def test_cli_prints_a_table_and_writes_json(smollm2: Path, tiny_data: Path, tmp_
         (["--tasks", "rte,squad"], "unknown task 'squad'"),
         (["--tasks", "rte", "--data-dir", "/nonexistent/data"], "data folder /nonexistent/data not found"),
         (["--tasks", "rte", "--limit", "0"], "--limit must be at least 1"),
+        (["--tasks", "rte"], "not a GGUF file"),
     ],
 )
 def test_cli_bad_input_is_one_line(tiny_data: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -297,3 +315,24 @@ def test_before_after_rows_for_compare(smollm2: Path, tiny_data: Path, tmp_path:
         assert [row[side] for row in rows] == [report.tasks[0].acc, report.tasks[1].acc_norm, report.average_best[0]]
     cells = zs.zeroshot_markdown_rows(rows)
     assert cells[0][0] == "rte acc (n=2)" and len(cells) == 3 and all(len(row) == 4 for row in cells)
+
+
+@pytest.mark.slow
+def test_compare_adds_zero_shot_rows(smollm2: Path, shared_dir: Path, tmp_path: Path) -> None:
+    import os
+
+    from gatenorm_edge.rewrite import prune_gguf
+
+    pruned = tmp_path / "pruned.gguf"
+    prune_gguf(smollm2, pruned, [26, 27, 28, 29])
+    out = tmp_path / "compare.json"
+    text = shared_dir / "data" / "tinystories" / "tinystories_val_subset.txt"
+    done = subprocess.run(
+        [sys.executable, "-m", "gatenorm_edge", "compare", str(smollm2), str(pruned), "--text", str(text), "--ctx", "64",
+         "--chunks", "1", "--no-speed", "--threads", "1", "--zeroshot", "rte,piqa", "--limit", "2", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "GATENORM_CACHE": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["zeroshot"]
+    assert [(row["measure"], row["n"]) for row in rows] == [("rte acc", 2), ("piqa acc_norm", 2), ("zero-shot average", 4)]
+    assert "| rte acc (n=2) |" in done.stdout and (tmp_path / "cache" / "zeroshot").is_dir()

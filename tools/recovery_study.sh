@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Recovery study (issue 7): drop vs fold-vo vs linear on one model at k = 2, 4, 6 attention sublayers
 # removed in per-head Gate-Norm order. Writes GGUFs and JSON into OUT; docs/study-recovery.md reports them.
-# Usage: tools/recovery_study.sh MODEL OUT [CHUNKS] [KS]
+# Usage: tools/recovery_study.sh MODEL OUT [CHUNKS] [KS]   (PHASES="prune ppl bench" by default)
 set -euo pipefail
-MODEL=${1:?model GGUF}; OUT=${2:?output folder}; CHUNKS=${3:-20}; KS=${4:-"2 4 6"}
+MODEL=${1:?model GGUF}; OUT=${2:?output folder}; CHUNKS=${3:-4}; KS=${4:-"2 4 6"}
+PHASES=${PHASES:-"prune ppl bench"}
+has() { [[ " $PHASES " == *" $1 "* ]]; }
 SHARED=$(cd "$(dirname "$0")/../.." && pwd)/shared
 WIKI=$SHARED/data/wikitext-2-raw/wiki.test.raw            # evaluation text
 CALIB=$SHARED/data/tinystories/tinystories_val_subset.txt  # calibration / alpha-search text (not evaluation)
 GE="python -m gatenorm_edge"
 mkdir -p "$OUT"
 name=$(basename "$MODEL" .gguf)
-$GE score "$MODEL" --json "$OUT/$name-scores.json" > /dev/null
-for k in $KS; do
+has prune && $GE score "$MODEL" --json "$OUT/$name-scores.json" > /dev/null
+has prune && for k in $KS; do
   common=("$MODEL" --plan "$OUT/$name-scores.json" --count "$k" --force)
   $GE prune "${common[@]:0:1}" "$OUT/k$k-drop.gguf" "${common[@]:1}" --mode drop --json "$OUT/k$k-drop.prune.json"
   $GE prune "${common[@]:0:1}" "$OUT/k$k-fold-vo.gguf" "${common[@]:1}" --mode fold-vo --json "$OUT/k$k-fold-vo.prune.json"
@@ -20,15 +22,15 @@ for k in $KS; do
   $GE prune "${common[@]:0:1}" "$OUT/k$k-linear.gguf" "${common[@]:1}" --mode linear --calib "$CALIB" \
     --calib-tokens 2048 --calib-ctx 512 --json "$OUT/k$k-linear.prune.json"
 done
-$GE ppl "$MODEL" --text "$WIKI" --ctx 512 --chunks "$CHUNKS" --json "$OUT/base.ppl.json"
-for k in $KS; do
+has ppl && $GE ppl "$MODEL" --text "$WIKI" --ctx 512 --chunks "$CHUNKS" --json "$OUT/base.ppl.json"
+has ppl && for k in $KS; do
   for mode in drop fold-vo fold-vo-search linear; do
     $GE ppl "$OUT/k$k-$mode.gguf" --text "$WIKI" --ctx 512 --chunks "$CHUNKS" --json "$OUT/k$k-$mode.ppl.json"
   done
 done
-for k in $KS; do
+has bench && for k in $KS; do
   for mode in drop fold-vo linear; do
-    $GE bench "$MODEL" --vs "$OUT/k$k-$mode.gguf" --prompt 256 --gen 32 --depth 0,1024 --reps 3 \
+    $GE bench "$MODEL" --vs "$OUT/k$k-$mode.gguf" --prompt 128 --gen 32 --depth 0 --reps 3 \
       --json "$OUT/k$k-$mode.bench.json"
   done
 done

@@ -10,7 +10,8 @@ from ..errors import GatenormError
 from ..harness.compare import compare as compare_models
 from ..harness.perplexity import perplexity
 from ..harness.speed import BenchSettings, bench as bench_models
-from ..report import bench_markdown, compare_markdown, perplexity_markdown, write_json, write_markdown
+from ..harness.zeroshot import default_data_dir, load_task, parse_tasks, zeroshot_markdown_rows, zeroshot_table
+from ..report import bench_markdown, compare_markdown, markdown_table, perplexity_markdown, write_json, write_markdown
 from .app import app
 
 FLASH_HELP = "Flash attention (default on, as llama-perplexity on CPU; off pads every layer's V cache to the widest)."
@@ -109,6 +110,8 @@ def compare(
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help=FLASH_HELP),
     md_path: Path | None = typer.Option(None, "--md", help="Also write the table as Markdown."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write everything as JSON."),
+    zeroshot: str | None = typer.Option(None, "--zeroshot", help="Also zero-shot accuracy on these tasks (see `zeroshot`)."),
+    limit: int | None = typer.Option(None, "--limit", help="With --zeroshot: only the first N examples per task."),
 ) -> None:
     """Before vs after: PPL of both, KL divergence (mean, 99th percentile), top-1 agreement, speed, sizes, KV bytes.
 
@@ -120,15 +123,26 @@ def compare(
       gatenorm-edge compare SmolLM2-135M-Instruct.Q4_1.gguf pruned.gguf --text wiki.test.raw --chunks 20
 
       gatenorm-edge compare base.gguf pruned.gguf --text wiki.test.raw --no-speed --md compare.md --json compare.json
+
+      gatenorm-edge compare base.gguf pruned.gguf --text wiki.test.raw --zeroshot arc_easy,piqa --limit 200
     """
     _output_path(md_path)
     _output_path(json_path)
+    if zeroshot is not None:  # check tasks, data and --limit before the long runs
+        for task in parse_tasks(zeroshot):
+            load_task(task, default_data_dir(), limit)
     settings = BenchSettings(prompt=prompt, gen=gen, depths=_depths(depth), reps=reps) if speed else None
     result = compare_models(
         base, pruned, text, ctx=ctx, chunks=chunks, flash_attn=flash_attn, n_threads=threads, speed=settings,
         progress=True,
     )
     table = compare_markdown(result)
+    if zeroshot is not None:
+        result["zeroshot"] = zeroshot_table(
+            base, pruned, zeroshot, limit, n_threads=threads, flash_attn=flash_attn, progress=True
+        )
+        header = ["zero-shot (lm-eval prompts)", "base", "pruned", "pruned / base"]
+        table += "\n\n" + markdown_table(header, zeroshot_markdown_rows(result["zeroshot"]))
     typer.echo(table)
     if md_path is not None:
         write_markdown(md_path, table)

@@ -11,7 +11,7 @@ import typer
 from ..criteria import CRITERIA, choose_by_criterion
 from ..errors import GatenormError
 from ..fileio import write_text_atomic
-from ..recovery import DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, prune_with_recovery
+from ..recovery import DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, check_recovery_options, prune_with_recovery
 from ..report import ATTENTION_COST_LABELS, attention_layer_kinds
 from ..rewrite import inspect_gguf
 from ..sources.gguf_file import GGUFFile
@@ -33,9 +33,8 @@ def choose_layers(
     variant: str,
     plan: Optional[Path],
     criterion: Optional[str] = None,
-    calib: Optional[Path] = None,
-    calib_tokens: int = DEFAULT_CALIB_TOKENS,
-    calib_ctx: int = DEFAULT_CALIB_CTX,
+    criterion_text: Optional[Path] = None,
+    criterion_chunks: int = 1,
 ) -> tuple[list[int], dict[str, str]]:
     """The layers to prune and the provenance that explains how they were chosen."""
     modes = [name for name, given in (("--layers", layers), ("--count", count), ("--plan", plan)) if given is not None]
@@ -48,9 +47,7 @@ def choose_layers(
     if criterion is not None:
         if plan is not None:
             raise GatenormError("--criterion and --plan are two ways to choose layers: give one")
-        ranking = choose_by_criterion(
-            model, criterion, count, calib_text=calib, calib_ctx=calib_ctx, calib_chunks=max(1, calib_tokens // calib_ctx)
-        )
+        ranking = choose_by_criterion(model, criterion, count, calib_text=criterion_text, calib_chunks=criterion_chunks)
         chosen = ranking.prune_order[:count]
         return chosen, {
             "selection": f"criterion {criterion}",
@@ -93,7 +90,7 @@ def _markdown(rows: list[tuple[str, Any]]) -> str:
         "  gatenorm-edge prune model.gguf pruned.gguf --layers 12,20,25\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --variant per-head\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --plan scores.json --count 4 --json result.json\n\n"
-        "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --criterion greedy-ppl --calib tinystories.txt\n\n"
+        "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --criterion greedy-ppl --criterion-text tinystories.txt\n\n"
         "  gatenorm-edge prune model.gguf folded.gguf --count 4 --mode fold-vo --alpha-search tinystories.txt\n\n"
         "  gatenorm-edge prune model.gguf patched.gguf --count 4 --mode linear --calib tinystories.txt"
     )
@@ -108,8 +105,10 @@ def prune(
     criterion: Optional[str] = typer.Option(
         None, "--criterion",
         help=f"Choose the --count layers by another criterion: {', '.join(CRITERIA)}. Data-driven ones (loo-ppl, "
-        "greedy-ppl, cosine) calibrate on --calib (--calib-tokens tokens in chunks of --calib-ctx). See `study`.",
+        "greedy-ppl, cosine) calibrate on --criterion-text. See `study`.",
     ),
+    criterion_text: Optional[Path] = typer.Option(None, "--criterion-text", help="Calibration text for a data-driven --criterion."),
+    criterion_chunks: int = typer.Option(1, "--criterion-chunks", help="Calibration chunks of 512 tokens for --criterion-text."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
     mode: str = typer.Option(
@@ -130,7 +129,8 @@ def prune(
     --mode fold-vo and --mode linear replace the removed attention with deci linear attention
     (x + W·attn_norm(x), one n_embd x n_embd matrix per layer, no KV cache).
     """
-    chosen, provenance = choose_layers(model, layers, count, variant, plan, criterion, calib, calib_tokens, calib_ctx)
+    check_recovery_options(mode, alpha, alpha_search, calib)
+    chosen, provenance = choose_layers(model, layers, count, variant, plan, criterion, criterion_text, criterion_chunks)
     result, recovery = prune_with_recovery(
         model, out, chosen, mode, alpha=alpha, alpha_search_text=alpha_search, calib_text=calib,
         calib_tokens=calib_tokens, calib_ctx=calib_ctx, ridge=ridge, force=force, provenance=provenance, progress=True,

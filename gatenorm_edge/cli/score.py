@@ -9,7 +9,7 @@ import typer
 
 from ..errors import GatenormError
 from ..fileio import write_text_atomic
-from ..score_display import markdown_table, prune_order_line, require_matplotlib, save_plot
+from ..report import prune_order_line, require_matplotlib, save_score_plot, score_markdown
 from ..scoring import VARIANTS, score_model
 from .app import app
 
@@ -52,12 +52,12 @@ def score(
     if plot is not None:
         require_matplotlib()
     report = score_model(model, variant=variant.value, progress=True)
-    typer.echo(markdown_table(report))
+    typer.echo(score_markdown(report))
     typer.echo(prune_order_line(report))
     typer.echo(f"Scored {report.n_layers} layers of a {report.architecture} model ({report.variant}) in {report.seconds:.2f} s.")
     if json_path is not None:
         write_text_atomic(json_path, report.to_json())
         typer.echo(f"wrote {json_path}")
     if plot is not None:
-        save_plot(report, plot)
+        save_score_plot(report, plot)
         typer.echo(f"wrote {plot}")

@@ -57,5 +57,6 @@ def zeroshot(
     )
     if json_path is not None:
         write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
-    typer.echo(f"{model} (flash attention {'on' if flash_attn else 'off'}, {report.n_threads} threads)\n")
+    plural = "s" if report.n_threads != 1 else ""
+    typer.echo(f"{model} (flash attention {'on' if flash_attn else 'off'}, {report.n_threads} thread{plural})\n")
     typer.echo(report.markdown())

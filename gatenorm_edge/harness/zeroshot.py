@@ -335,12 +335,11 @@ def choice_loglikelihoods(model: LoadedModel, choices: Sequence[ChoiceTokens], *
     The last token of a choice is never decoded: nothing reads the logits it would produce.
     """
     prefix = shared_prefix(choices) if reuse else 0
-    first_needed = min(choice.start for choice in choices) - 1
+    # Rows of the prefix from the first position whose logits a continuation reads (none if it starts later).
+    prefix_first = min(min(choice.start for choice in choices) - 1, prefix)
     model.clear()
     prefix_logits = np.empty((0, model.vocab_size), dtype=np.float32)
-    prefix_first = max(first_needed, 0)
     if prefix:
-        prefix_first = min(first_needed, prefix - 1)
         prefix_logits = model.logits(choices[0].tokens[:prefix], output_from=prefix_first)
     results = []
     for choice in choices:
@@ -530,7 +529,12 @@ class ZeroShotReport:
             "flash_attn": self.flash_attn,
             "n_threads": self.n_threads,
             "tasks": [asdict(task) for task in self.tasks],
-            "average": {"acc": average, "acc_stderr": average_stderr, "acc_norm_or_acc": best, "acc_norm_or_acc_stderr": best_stderr},
+            "average": {
+                "acc": average,
+                "acc_stderr": average_stderr,
+                "acc_norm_or_acc": best,
+                "acc_norm_or_acc_stderr": best_stderr,
+            },
         }
 
     def markdown(self) -> str:
@@ -566,21 +570,29 @@ def evaluate_task(
     examples: Sequence[Example],
     results: ResultsFile,
     *,
-    reuse: bool = True,
     progress: bool = False,
 ) -> TaskResult:
-    """Score the examples not yet in ``results`` (appending each as it is done) and summarise them all."""
+    """Score the examples not yet in ``results`` (appending each as it is done) and summarise them all.
+
+    The progress bar shows the running acc_norm where the task reports it, else acc.
+    """
     normalised = TASKS[task].normalised
     todo = [example for example in examples if example.index not in results.done]
     reused = len(examples) - len(todo)
-    correct = [is_correct(results.done[e.index].lls, e.gold, e.lengths if normalised else None) for e in examples if e.index in results.done]
+    correct = [
+        is_correct(results.done[example.index].lls, example.gold, example.lengths if normalised else None)
+        for example in examples
+        if example.index in results.done
+    ]
     metric = "acc_norm" if normalised else "acc"
     with progress_bar(f"{task} {Path(model.path).name}", len(examples), progress) as tick:
         tick(advance=reused, status=f"{metric} {np.mean(correct):.3f}" if correct else "")
         for example in todo:
             wall, cpu = time.perf_counter(), time.process_time()
-            lls = choice_loglikelihoods(model, tokenize_example(model, example), reuse=reuse)
-            results.add(ExampleResult(example.index, example.gold, lls, time.perf_counter() - wall, time.process_time() - cpu))
+            lls = choice_loglikelihoods(model, tokenize_example(model, example))
+            results.add(
+                ExampleResult(example.index, example.gold, lls, time.perf_counter() - wall, time.process_time() - cpu)
+            )
             correct.append(is_correct(lls, example.gold, example.lengths if normalised else None))
             tick(status=f"{metric} {np.mean(correct):.3f}")
     return TaskResult.from_results(task, examples, results.done, reused, results.path)

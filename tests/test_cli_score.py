@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,22 +14,10 @@ from gguf.quants import dequantize
 
 import tiny_models as tm
 from gatenorm_edge.scoring import ScoreReport, score_model
+from cli_helpers import run_cli
 
 CONFIG = tm.TinyConfig()
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str | Path, python_prelude: str = "") -> subprocess.CompletedProcess[str]:
-    code = f"{python_prelude}import sys; from gatenorm_edge.cli import main; sys.argv[0] = 'gatenorm-edge'; main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
-
-
-def run_module(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gatenorm_edge", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +27,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_score_prints_table_and_order_and_writes_the_json_contract(tiny_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "scores.json"
-    result = run_module("score", tiny_gguf, "--json", out)
+    result = run_cli("score", tiny_gguf, "--json", out)
     assert result.returncode == 0, result.stderr
     report = ScoreReport.from_json(out)
     data = json.loads(out.read_text())
@@ -58,7 +44,7 @@ def test_score_prints_table_and_order_and_writes_the_json_contract(tiny_gguf: Pa
 
 
 def test_help_has_examples() -> None:
-    result = run_module("score", "--help")
+    result = run_cli("score", "--help")
     assert result.returncode == 0
     assert "Examples" in result.stdout and "--variant" in result.stdout and "--plot" in result.stdout
 
@@ -66,7 +52,7 @@ def test_help_has_examples() -> None:
 def test_plot_writes_a_png(tiny_gguf: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib is the optional `plot` extra")
     out = tmp_path / "scores.png"
-    result = run_module("score", tiny_gguf, "--variant", "folded", "--plot", out)
+    result = run_cli("score", tiny_gguf, "--variant", "folded", "--plot", out)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["scores.png"]  # no temp file left beside it
@@ -75,7 +61,7 @@ def test_plot_writes_a_png(tiny_gguf: Path, tmp_path: Path) -> None:
 def test_plot_without_matplotlib_fails_before_any_output(tiny_gguf: Path, tmp_path: Path) -> None:
     result = run_cli(
         "score", tiny_gguf, "--json", tmp_path / "s.json", "--plot", tmp_path / "s.png",
-        python_prelude="import sys; sys.modules['matplotlib'] = None; ",
+        prelude="import sys; sys.modules['matplotlib'] = None; ",
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --plot needs matplotlib: pip install 'gatenorm-edge[plot]'"
@@ -83,7 +69,7 @@ def test_plot_without_matplotlib_fails_before_any_output(tiny_gguf: Path, tmp_pa
 
 
 def test_output_in_a_missing_folder_fails_before_scoring(tiny_gguf: Path, tmp_path: Path) -> None:
-    result = run_module("score", tiny_gguf, "--json", tmp_path / "absent" / "s.json")
+    result = run_cli("score", tiny_gguf, "--json", tmp_path / "absent" / "s.json")
     assert result.returncode == 2
     assert result.stderr.strip().endswith("the folder it would go in does not exist")
     assert result.stdout == ""
@@ -91,7 +77,7 @@ def test_output_in_a_missing_folder_fails_before_scoring(tiny_gguf: Path, tmp_pa
 
 def test_real_smollm2_end_to_end(smollm2: Path, tmp_path: Path) -> None:
     out = tmp_path / "smollm2.json"
-    result = run_module("score", smollm2, "--json", out)
+    result = run_cli("score", smollm2, "--json", out)
     assert result.returncode == 0, result.stderr
     report = ScoreReport.from_json(out)
     assert (report.architecture, report.n_layers, len(report.prune_order)) == ("llama", 30, 29)
@@ -114,7 +100,7 @@ def test_real_smollm2_end_to_end(smollm2: Path, tmp_path: Path) -> None:
 
 def test_real_stories260k_full_variant(stories260k: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.json"
-    result = run_module("score", stories260k, "--variant", "full", "--json", out)
+    result = run_cli("score", stories260k, "--variant", "full", "--json", out)
     assert result.returncode == 0, result.stderr
     report = ScoreReport.from_json(out)
     assert (report.variant, report.n_layers, sorted(report.prune_order)) == ("full", 5, [1, 2, 3, 4])
@@ -200,7 +186,7 @@ def test_bad_input_is_one_line_error(tmp_path: Path, case: str, make: Callable[[
     outputs = tmp_path / "out"
     outputs.mkdir()
     before = _snapshot(inputs)
-    result = run_module("score", model, "--json", outputs / "scores.json")
+    result = run_cli("score", model, "--json", outputs / "scores.json")
     assert result.returncode == 2, (case, result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from gatenorm_edge.reference import ReferenceModel
 from gatenorm_edge.rewrite import prune_gguf
 from gatenorm_edge.scoring import VARIANTS, score_model
 from gatenorm_edge.sources.gguf_file import GGUFFile
+from cli_helpers import run_cli
 
 CTX = 128
 CHUNKS = 2
@@ -178,10 +177,6 @@ def test_calibration_chunks_are_the_requested_slice(stories260k: Path, tinystori
     later = TextChunks.from_text(stories260k, tinystories, CTX, 1, first_chunk=1)
     assert np.array_equal(later.tokens, calibration.tokens[CTX : 2 * CTX])
     assert calibration.bos_token == 1
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gatenorm_edge", *args], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import pytest
 
 from gatenorm_edge.reference import ReferenceModel, rope_angles, rope_neox, rope_normal
 from gatenorm_edge.rewrite import prune_gguf
+from cli_helpers import llama_cpp_logits
 
 TOKENS = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267]
 GGML_TYPE_F32 = 0
@@ -48,18 +48,6 @@ def test_rope_scores_depend_only_on_relative_position() -> None:
             ka = rope(k, rope_angles([shift + 2], d, 10000.0))
             scores.append(float((qa * ka).sum()))
         np.testing.assert_allclose(scores, scores[0], rtol=1e-12)
-
-
-def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    """llama.cpp logits with F32 KV cache and flash attention off: its most exact CPU path."""
-    model = llama_cpp.Llama(
-        model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, flash_attn=False,
-        type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False, n_threads=2,
-    )
-    model.eval(tokens)
-    logits = np.array(model.scores[: len(tokens)], dtype=np.float64)
-    model.close()
-    return logits
 
 
 @pytest.mark.slow

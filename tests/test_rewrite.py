@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import llama_cpp
@@ -16,28 +14,13 @@ from gguf import GGUFReader, GGUFWriter
 from gatenorm_edge.errors import GatenormError
 from gatenorm_edge.gguf_layout import GGUFLayout
 from gatenorm_edge.rewrite import ATTENTION_TENSORS, attention_free_layers, inspect_gguf, prune_gguf
+from cli_helpers import llama_cpp_logits, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def cli(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gatenorm_edge", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
-
-
-def llama_logits(path: Path, tokens: list[int], *, flash_attn: bool = True, n_ctx: int = 64) -> np.ndarray:
-    model = llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, flash_attn=flash_attn, verbose=False, n_threads=2
-    )
-    model.eval(tokens)
-    logits = np.array(model.scores[: len(tokens)], dtype=np.float32)
-    model.close()
-    return logits
 
 
 def fields(path: Path) -> dict[str, tuple[list, object]]:
@@ -114,7 +97,8 @@ def test_nothing_pruned_gives_bit_identical_logits(fixture: str, request: pytest
     prune_gguf(model, out, [])
     assert inspect_gguf(out)["architecture"] == "deci"
     tokens = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426]
-    assert np.array_equal(llama_logits(model, tokens), llama_logits(out, tokens))
+    original, rewritten = (llama_cpp_logits(path, tokens, flash_attn=True, f32_kv=False) for path in (model, out))
+    assert np.array_equal(original, rewritten)
 
 
 def _kv_slope(path: Path, flash_attn: bool) -> tuple[int, float]:
@@ -190,7 +174,7 @@ REFUSALS = [
 def test_refusals(stories260k: Path, tmp_path: Path, args: list[str], message: str) -> None:
     before = sha256(stories260k)
     out = tmp_path / "out.gguf"
-    proc = cli("prune", stories260k, out, *args)
+    proc = run_cli("prune", stories260k, out, *args)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -204,7 +188,7 @@ def test_refuses_output_equal_to_input(stories260k: Path, tmp_path: Path) -> Non
     (tmp_path / "link.gguf").symlink_to(model)
     before = sha256(model)
     for out, cwd in ((model, ROOT), (tmp_path / "link.gguf", ROOT), (Path("model.gguf"), tmp_path)):
-        proc = cli("prune", model, out, "--layers", "2", "--force", cwd=cwd)
+        proc = run_cli("prune", model, out, "--layers", "2", "--force", cwd=cwd)
         assert proc.returncode != 0 and "is the input file" in proc.stderr, (out, proc.stderr)
         assert sha256(model) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.gguf", "model.gguf"]
@@ -213,10 +197,10 @@ def test_refuses_output_equal_to_input(stories260k: Path, tmp_path: Path) -> Non
 def test_refuses_existing_output_without_force(stories260k: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.gguf"
     out.write_bytes(b"keep me")
-    proc = cli("prune", stories260k, out, "--layers", "2")
+    proc = run_cli("prune", stories260k, out, "--layers", "2")
     assert proc.returncode != 0 and "exists; pass --force" in proc.stderr
     assert out.read_bytes() == b"keep me"
-    proc = cli("prune", stories260k, out, "--layers", "2", "--force")
+    proc = run_cli("prune", stories260k, out, "--layers", "2", "--force")
     assert proc.returncode == 0, proc.stderr
     assert attention_free_layers(out) == [2]
 
@@ -225,7 +209,7 @@ def test_refuses_unsupported_architecture(tmp_path: Path) -> None:
     model = tmp_path / "qwen3.gguf"
     _write_fake_gguf(model, "qwen3")
     before = sha256(model)
-    proc = cli("prune", model, tmp_path / "out.gguf", "--layers", "1")
+    proc = run_cli("prune", model, tmp_path / "out.gguf", "--layers", "1")
     assert proc.returncode != 0
     assert "cannot prune architecture 'qwen3': q/k RMSNorm" in proc.stderr
     assert not (tmp_path / "out.gguf").exists() and sha256(model) == before
@@ -234,7 +218,7 @@ def test_refuses_unsupported_architecture(tmp_path: Path) -> None:
 def test_refuses_mixture_of_experts_llama(tmp_path: Path) -> None:
     model = tmp_path / "mixtral.gguf"
     _write_fake_gguf(model, "llama", expert_count=8)
-    proc = cli("prune", model, tmp_path / "out.gguf", "--layers", "1")
+    proc = run_cli("prune", model, tmp_path / "out.gguf", "--layers", "1")
     assert proc.returncode != 0 and "mixture-of-experts" in proc.stderr
     assert not (tmp_path / "out.gguf").exists()
 
@@ -246,7 +230,7 @@ def test_refuses_truncated_and_foreign_files(stories260k: Path, tmp_path: Path, 
     foreign.write_text("not a model")
     for model, message in ((truncated, "truncated"), (foreign, "not a GGUF file")):
         args = [model, tmp_path / "out.gguf", "--layers", "1"] if command == "prune" else [model]
-        proc = cli(command, *args)
+        proc = run_cli(command, *args)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not (tmp_path / "out.gguf").exists()
 
@@ -268,12 +252,12 @@ def test_refuses_when_disk_is_too_small(stories260k: Path, tmp_path: Path, monke
 
 def test_inspect_cli_original_and_pruned(stories260k: Path, tmp_path: Path) -> None:
     out = tmp_path / "pruned.gguf"
-    assert cli("prune", stories260k, out, "--layers", "1,4", "--json", tmp_path / "r.json").returncode == 0
+    assert run_cli("prune", stories260k, out, "--layers", "1,4", "--json", tmp_path / "r.json").returncode == 0
     assert json.loads((tmp_path / "r.json").read_text())["layers_pruned"] == [1, 4]
-    proc = cli("inspect", stories260k)
+    proc = run_cli("inspect", stories260k)
     assert proc.returncode == 0 and "| architecture | llama |" in proc.stdout
     assert "| attention-free layers | none |" in proc.stdout
-    proc = cli("inspect", out, "--json", tmp_path / "i.json")
+    proc = run_cli("inspect", out, "--json", tmp_path / "i.json")
     assert "| attention-free layers | 1, 4 |" in proc.stdout and "| F32 | 38 |" in proc.stdout
     info = json.loads((tmp_path / "i.json").read_text())
     assert info == inspect_gguf(out)
@@ -287,19 +271,19 @@ def test_prune_by_plan_and_by_count_use_the_scores(stories260k: Path, tmp_path: 
     plan = tmp_path / "scores.json"
     plan.write_text(json.dumps(report.to_dict()))
     by_plan, by_count = tmp_path / "plan.gguf", tmp_path / "count.gguf"
-    proc = cli("prune", stories260k, by_plan, "--plan", plan, "--count", "2")
+    proc = run_cli("prune", stories260k, by_plan, "--plan", plan, "--count", "2")
     assert proc.returncode == 0, proc.stderr
-    proc = cli("prune", stories260k, by_count, "--count", "2", "--variant", "per-head")
+    proc = run_cli("prune", stories260k, by_count, "--count", "2", "--variant", "per-head")
     assert proc.returncode == 0, proc.stderr
     expected = sorted(report.prune_order[:2])
     assert attention_free_layers(by_plan) == expected == attention_free_layers(by_count)
     assert GGUFReader(by_count).fields["gatenorm.variant"].contents() == "per-head"
-    proc = cli("prune", stories260k, tmp_path / "x.gguf", "--plan", plan)
+    proc = run_cli("prune", stories260k, tmp_path / "x.gguf", "--plan", plan)
     assert proc.returncode != 0 and "--plan needs --count" in proc.stderr
 
 
 def test_help_has_examples() -> None:
-    proc = cli("prune", "--help")
+    proc = run_cli("prune", "--help")
     assert proc.returncode == 0 and "--layers 12,20,25" in proc.stdout
-    proc = cli("inspect", "--help")
+    proc = run_cli("inspect", "--help")
     assert proc.returncode == 0 and "inspect pruned.gguf --json" in proc.stdout

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +11,12 @@ from gatenorm_edge.criteria import CRITERIA, CriterionResult, TextChunks
 from gatenorm_edge.harness.kld import kl_divergence
 from gatenorm_edge.rewrite import prune_gguf
 from gatenorm_edge.study import CriterionStudy, EvalPoint, PrunedEvaluation, StudyResult, markdown
+from cli_helpers import run_cli
 
 
 @pytest.fixture(scope="module")
 def tinystories(shared_dir: Path) -> Path:
     return shared_dir / "data" / "tinystories" / "tinystories_val_subset.txt"
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gatenorm_edge", *args], capture_output=True, text=True)
 
 
 @pytest.mark.slow

@@ -14,12 +14,12 @@ mkdir -p "$OUT"
 name=$(basename "$MODEL" .gguf)
 has prune && $GE score "$MODEL" --json "$OUT/$name-scores.json" > /dev/null
 has prune && for k in $KS; do
-  common=("$MODEL" --plan "$OUT/$name-scores.json" --count "$k" --force)
-  $GE prune "${common[@]:0:1}" "$OUT/k$k-drop.gguf" "${common[@]:1}" --mode drop --json "$OUT/k$k-drop.prune.json"
-  $GE prune "${common[@]:0:1}" "$OUT/k$k-fold-vo.gguf" "${common[@]:1}" --mode fold-vo --json "$OUT/k$k-fold-vo.prune.json"
-  $GE prune "${common[@]:0:1}" "$OUT/k$k-fold-vo-search.gguf" "${common[@]:1}" --mode fold-vo \
+  plan=(--plan "$OUT/$name-scores.json" --count "$k" --force)
+  $GE prune "$MODEL" "$OUT/k$k-drop.gguf" "${plan[@]}" --mode drop --json "$OUT/k$k-drop.prune.json"
+  $GE prune "$MODEL" "$OUT/k$k-fold-vo.gguf" "${plan[@]}" --mode fold-vo --json "$OUT/k$k-fold-vo.prune.json"
+  $GE prune "$MODEL" "$OUT/k$k-fold-vo-search.gguf" "${plan[@]}" --mode fold-vo \
     --alpha-search "$CALIB" --json "$OUT/k$k-fold-vo-search.prune.json"
-  $GE prune "${common[@]:0:1}" "$OUT/k$k-linear.gguf" "${common[@]:1}" --mode linear --calib "$CALIB" \
+  $GE prune "$MODEL" "$OUT/k$k-linear.gguf" "${plan[@]}" --mode linear --calib "$CALIB" \
     --calib-tokens 2048 --calib-ctx 512 --json "$OUT/k$k-linear.prune.json"
 done
 has ppl && $GE ppl "$MODEL" --text "$WIKI" --ctx 512 --chunks "$CHUNKS" --json "$OUT/base.ppl.json"

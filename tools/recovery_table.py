@@ -1,6 +1,6 @@
 """Markdown tables for docs/study-recovery.md from the JSON that tools/recovery_study.sh writes.
 
-Usage: python tools/recovery_table.py OUT_FOLDER
+Usage: python tools/recovery_table.py OUT_FOLDER [PPL_FOLDER]   (PPL JSON from OUT_FOLDER unless given)
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ def cost_cell(cost: dict) -> str:
     return f"{cost['flops'] / 1e6:.2f} M / {cost['kv_bytes']:,} B"
 
 
-def main(out: Path) -> None:
-    base = load(out / "base.ppl.json")
+def main(out: Path, ppl_dir: Path) -> None:
+    base = load(ppl_dir / "base.ppl.json")
     ks = sorted({int(p.name.split("-")[0][1:]) for p in out.glob("k*-drop.gguf")})
     rows = []
     if base:
@@ -33,7 +33,7 @@ def main(out: Path) -> None:
     for k in ks:
         for mode in MODES:
             prune = load(out / f"k{k}-{mode}.prune.json")
-            ppl = load(out / f"k{k}-{mode}.ppl.json")
+            ppl = load(ppl_dir / f"k{k}-{mode}.ppl.json")
             if prune is None:
                 continue
             recovery = prune["recovery"]
@@ -54,16 +54,19 @@ def main(out: Path) -> None:
         "attn FLOPs / KV bytes per token", "detail",
     ]
     print(markdown_table(header, rows))
+    speed_rows = []
     for bench_path in sorted(out.glob("*.bench.json")):
         bench = load(bench_path)
-        a, b = (Path(m).name for m in bench["models"])
-        print(
-            f"\n{b} / {a}: pp{bench['prompt']} {bench['ratios']['pp']['0']:.3f}×, tg{bench['gen']} "
-            f"{bench['ratios']['tg']['0']:.3f}× ({bench['reps']} reps, {bench['threads']} threads, FA "
-            f"{'on' if bench['flash_attn'] else 'off'}; medians t/s pp {bench['pp_tps'][a]['0']['median']:.1f} vs "
-            f"{bench['pp_tps'][b]['0']['median']:.1f}, tg {bench['tg_tps'][a]['0']['median']:.2f} vs {bench['tg_tps'][b]['0']['median']:.2f})"
-        )
-
+        a, b = bench["models"]
+        for depth in map(str, bench["depths"]):
+            speed_rows.append([
+                f"{Path(b).name} / {Path(a).name}", depth,
+                *(f"{bench['ratios'][kind][depth]:.3f}×" for kind in ("pp", "tg")),
+                *(f"{bench[f'{kind}_tps'][m][depth]['median']:.1f}" for kind in ("pp", "tg") for m in (a, b)),
+            ])
+    if speed_rows:
+        print()
+        print(markdown_table(["pair", "depth", "pp ratio", "tg ratio", "pp t/s A", "pp t/s B", "tg t/s A", "tg t/s B"], speed_rows))
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2] if len(sys.argv) > 2 else sys.argv[1]))

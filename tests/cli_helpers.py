@@ -1,0 +1,49 @@
+"""Helpers shared by the tests: run the CLI in a subprocess, check one-line errors, raw llama.cpp logits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+GGML_TYPE_F32 = 0
+
+
+def run_cli(*args: str | Path, cwd: Path = ROOT, prelude: str = "") -> subprocess.CompletedProcess[str]:
+    """``gatenorm-edge ARGS`` in a fresh interpreter; ``prelude`` is Python run before the CLI starts."""
+    if prelude:
+        command = ["-c", f"{prelude}\nimport sys\nfrom gatenorm_edge.cli import main\nsys.argv[0] = 'gatenorm-edge'\nmain()"]
+    else:
+        command = ["-m", "gatenorm_edge"]
+    return subprocess.run(
+        [sys.executable, *command, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """Exit status != 0 and exactly one stderr line ``error: ...`` containing every fragment; returns it."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def llama_cpp_logits(path: Path, tokens: list[int], *, flash_attn: bool = False, f32_kv: bool = True, n_ctx: int = 64) -> np.ndarray:
+    """Logits for every position from stock llama.cpp; by default its most exact CPU path (F32 KV, FA off)."""
+    kv_types = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv else {}
+    model = llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, flash_attn=flash_attn,
+        verbose=False, n_threads=2, **kv_types,
+    )
+    try:
+        model.eval(tokens)
+        return np.array(model.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        model.close()

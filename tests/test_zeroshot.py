@@ -21,6 +21,7 @@ import pytest
 from gatenorm_edge.errors import GatenormError
 from gatenorm_edge.harness import zeroshot as zs
 from gatenorm_edge.harness.model import open_model
+from cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,14 +257,14 @@ def test_a_results_file_is_written_by_one_run_at_a_time(tiny_data: Path, tmp_pat
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gatenorm_edge", "zeroshot", *args], capture_output=True, text=True, cwd=cwd)
+def run_zeroshot(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return run_cli("zeroshot", *args)
 
 
 @pytest.mark.slow
 def test_cli_prints_a_table_and_writes_json(smollm2: Path, tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "acc.json"
-    done = run_cli(str(smollm2), "--tasks", "rte,hellaswag", "--data-dir", str(tiny_data), "--cache-dir",
+    done = run_zeroshot(str(smollm2), "--tasks", "rte,hellaswag", "--data-dir", str(tiny_data), "--cache-dir",
                    str(tmp_path / "cache"), "--threads", "1", "--json", str(out))
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
@@ -286,17 +287,17 @@ def test_cli_bad_input_is_one_line(tiny_data: Path, tmp_path: Path, args: list[s
     model = tmp_path / "model.gguf"
     model.write_bytes(b"not a gguf")
     extra = [] if "--data-dir" in args else ["--data-dir", str(tiny_data)]
-    done = run_cli(str(model), *args, *extra, "--cache-dir", str(tmp_path / "cache"))
+    done = run_zeroshot(str(model), *args, *extra, "--cache-dir", str(tmp_path / "cache"))
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip().removeprefix('error: ')}"]
     assert message in done.stderr and not (tmp_path / "cache").exists()
 
 
 def test_cli_missing_model_and_missing_task_file(tiny_data: Path, tmp_path: Path) -> None:
-    done = run_cli(str(tmp_path / "absent.gguf"), "--tasks", "rte", "--data-dir", str(tiny_data))
+    done = run_zeroshot(str(tmp_path / "absent.gguf"), "--tasks", "rte", "--data-dir", str(tiny_data))
     assert done.returncode != 0 and done.stderr.strip() == f"error: {tmp_path / 'absent.gguf'}: no such model file"
     (tiny_data / "rte" / "superglue_rte_val.jsonl").unlink()
-    done = run_cli(str(tmp_path / "absent.gguf"), "--tasks", "rte", "--data-dir", str(tiny_data))
+    done = run_zeroshot(str(tmp_path / "absent.gguf"), "--tasks", "rte", "--data-dir", str(tiny_data))
     assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1 and "data file" in done.stderr
 
 

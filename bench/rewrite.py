@@ -4,6 +4,9 @@ Same run, interleaved (cp, prune, cp, prune, ...), medians. The prune child time
 ``prune_gguf`` call (interpreter start-up excluded; it is a constant, not throughput) and its
 peak RSS is the child's ``ru_maxrss`` (whole process: interpreter, numpy, gguf and the rewrite).
 The prune includes what a safe rewrite must do and cp does not: the source sha256 and an fsync.
+Two conditions: warm (the source in the page cache: CPU-bound, where the sha256 dominates) and cold
+(the source's pages evicted with posix_fadvise(DONTNEED) before each contender: disk-bound, the usual
+case for a model file that has not just been read).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gatenorm_edge.gguf_layout import GGUFLayout
@@ -58,46 +62,77 @@ def _run_child(args: list[str]) -> tuple[str, int]:
         return out.read().decode(), usage.ru_maxrss * 1024
 
 
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as handle:
+        while handle.read(64 << 20):
+            pass
+
+
+def interleaved_rounds(source: Path, tmp: Path, prepare: Callable[[Path], None]) -> dict[str, list[float]]:
+    """ROUNDS x (cp, sha256, prune) of the same file, ``prepare(source)`` before each contender."""
+    times: dict[str, list[float]] = {"cp": [], "sha256": [], "prune": [], "rss": []}
+    for _ in range(ROUNDS):
+        target = tmp / "cp.gguf"
+        prepare(source)
+        start = time.perf_counter()
+        subprocess.run(["cp", str(source), str(target)], check=True)
+        times["cp"].append(time.perf_counter() - start)
+        target.unlink()
+        prepare(source)
+        start = time.perf_counter()
+        file_sha256(source)
+        times["sha256"].append(time.perf_counter() - start)
+        pruned = tmp / "pruned.gguf"
+        pruned.unlink(missing_ok=True)
+        prepare(source)
+        out, peak = _run_child([sys.executable, "-c", CHILD, str(source), str(pruned)])
+        times["prune"].append(float(out.strip().splitlines()[-1]))
+        times["rss"].append(peak)
+    return times
+
+
+def summary(size: int, times: dict[str, list[float]]) -> dict[str, float]:
+    cp, prune, sha = (statistics.median(times[key]) for key in ("cp", "prune", "sha256"))
+    return {
+        "cp_seconds_median": cp,
+        "prune_seconds_median": prune,
+        "sha256_seconds_median": sha,
+        "cp_mb_per_s": size / cp / 1e6,
+        "prune_mb_per_s": size / prune / 1e6,
+        "throughput_ratio_vs_cp": cp / prune,
+        "ratio_bound_by_sha256": cp / sha,
+        "peak_rss_mb": max(times["rss"]) / 1e6,
+    }
+
+
 def run() -> dict:
     source = largest_llama_gguf()
     if source is None:
         return {"skipped": "no llama GGUF in ../shared/models or the models cache"}
     size = source.stat().st_size
-    with open(source, "rb") as handle:  # and warm the page cache for both contenders
-        while handle.read(64 << 20):
-            pass
-    cp_seconds, prune_seconds, sha_seconds, rss = [], [], [], []
     scratch = ROOT / "bench" / "out"  # git-ignored, on the same file system as the repository
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        for _ in range(ROUNDS):
-            target = Path(tmp) / "cp.gguf"
-            start = time.perf_counter()
-            subprocess.run(["cp", str(source), str(target)], check=True)
-            cp_seconds.append(time.perf_counter() - start)
-            target.unlink()
-            start = time.perf_counter()
-            file_sha256(source)
-            sha_seconds.append(time.perf_counter() - start)
-            pruned = Path(tmp) / "pruned.gguf"
-            pruned.unlink(missing_ok=True)
-            out, peak = _run_child([sys.executable, "-c", CHILD, str(source), str(pruned)])
-            prune_seconds.append(float(out.strip().splitlines()[-1]))
-            rss.append(peak)
-    cp_median, prune_median = statistics.median(cp_seconds), statistics.median(prune_seconds)
+        warm(source)
+        warm_times = interleaved_rounds(source, Path(tmp), lambda path: None)
+        cold_times = interleaved_rounds(source, Path(tmp), evict)
+    warm(source)
     return {
         "model": source.name,
         "bytes": size,
         "rounds": ROUNDS,
-        "cp_seconds_median": cp_median,
-        "prune_seconds_median": prune_median,
-        "cp_mb_per_s": size / cp_median / 1e6,
-        "prune_mb_per_s": size / prune_median / 1e6,
-        "throughput_ratio_vs_cp": cp_median / prune_median,
+        "warm": summary(size, warm_times),
+        "cold": summary(size, cold_times),
         "target_ratio": 0.8,
-        "sha256_seconds_median": statistics.median(sha_seconds),
-        "ratio_bound_by_sha256": cp_median / statistics.median(sha_seconds),
-        "peak_rss_mb": max(rss) / 1e6,
         "target_rss_mb": 300,
         "note": (
             "prune includes the source sha256 (background thread, required provenance) and fsync; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from .harness.model import open_model
 from .harness.perplexity import count_chunks
 from .harness.speed import BenchSettings
 from .harness.text import sample_text
-from .report import compare_markdown, write_json, write_markdown
+from .report import compare_markdown, save_score_plot, write_json, write_markdown
 from .rewrite import file_sha256, prune_gguf
 from .scoring import score_model
 
@@ -124,13 +125,15 @@ def evaluation_text(settings: DemoSettings, base: Path) -> tuple[Path, str]:
 
 
 def run_demo(settings: DemoSettings, progress: bool = False) -> dict[str, Any]:
-    """Score, prune and compare; writes scores.json, the pruned GGUF, compare.json and compare.md into ``out``."""
+    """Score, prune and compare; writes scores.json (and scores.png), the pruned GGUF, compare.json and compare.md into ``out``."""
     if settings.count < 1:
         raise GatenormError(f"--count must be at least 1, got {settings.count}")
     base = settings.model or fetch_smollm2()
     settings.out.mkdir(parents=True, exist_ok=True)
     scores = score_model(base, "per-head", progress=progress)
     write_json(settings.out / "scores.json", scores.to_dict())
+    if importlib.util.find_spec("matplotlib") is not None:  # the `demo` extra brings it
+        save_score_plot(scores, settings.out / "scores.png")
     layers = scores.prune_order[: settings.count]
     pruned = settings.out / f"{base.stem}.pruned{settings.count}.gguf"
     prune = prune_gguf(

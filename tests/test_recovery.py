@@ -4,7 +4,6 @@ hold the matrices they should, and bad requests fail in one line."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import llama_cpp
@@ -16,29 +15,10 @@ from gatenorm_edge.recovery import fit_linear_maps, fold_vo_matrix, prune_with_r
 from gatenorm_edge.reference import ReferenceModel, rms_norm
 from gatenorm_edge.rewrite import attention_cost, linear_tensor_type, prune_gguf
 from gatenorm_edge.sources.gguf_file import GGUFFile
+from cli_helpers import assert_one_line_error, llama_cpp_logits, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKENS = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267]
-GGML_TYPE_F32 = 0
 LAYERS = [2, 3]
-
-
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gatenorm_edge", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
-
-
-def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    """llama.cpp logits with F32 KV cache and flash attention off (its most exact CPU path)."""
-    model = llama_cpp.Llama(
-        model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, flash_attn=False,
-        type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False, n_threads=2,
-    )
-    model.eval(tokens)
-    logits = np.array(model.scores[: len(tokens)], dtype=np.float64)
-    model.close()
-    return logits
 
 
 def dense_fold_vo(model: GGUFFile, layer: int, n_heads: int, n_kv_heads: int) -> np.ndarray:
@@ -194,11 +174,8 @@ def test_quantized_fold_vo_loads_and_stays_close(smollm2: Path, tmp_path: Path) 
 # bad input: one line, exit != 0, no output
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], out: Path, *needles: str) -> None:
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(needle in lines[0] for needle in needles), lines[0]
+def assert_refused(result: subprocess.CompletedProcess[str], out: Path, *needles: str) -> None:
+    assert_one_line_error(result, *needles)
     assert not out.exists() and not list(out.parent.glob(".*"))
 
 
@@ -206,21 +183,21 @@ def test_cli_refuses_bad_recovery_requests(stories260k: Path, tmp_path: Path) ->
     out = tmp_path / "out.gguf"
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a cat.\n")
-    assert_one_line_error(
-        cli("prune", stories260k, out, "--layers", "2", "--mode", "fold-vo", "--alpha-search", short), out, "too short"
+    assert_refused(
+        run_cli("prune", stories260k, out, "--layers", "2", "--mode", "fold-vo", "--alpha-search", short), out, "too short"
     )
-    assert_one_line_error(cli("prune", stories260k, out, "--layers", "2", "--mode", "bogus"), out, "--mode")
-    assert_one_line_error(cli("prune", stories260k, out, "--layers", "2", "--mode", "linear"), out, "--calib")
-    assert_one_line_error(cli("prune", stories260k, out, "--layers", "2", "--alpha", "0.5"), out, "fold-vo")
-    assert_one_line_error(
-        cli("prune", stories260k, out, "--layers", "2", "--mode", "linear", "--calib", short), out, "calibration"
+    assert_refused(run_cli("prune", stories260k, out, "--layers", "2", "--mode", "bogus"), out, "--mode")
+    assert_refused(run_cli("prune", stories260k, out, "--layers", "2", "--mode", "linear"), out, "--calib")
+    assert_refused(run_cli("prune", stories260k, out, "--layers", "2", "--alpha", "0.5"), out, "fold-vo")
+    assert_refused(
+        run_cli("prune", stories260k, out, "--layers", "2", "--mode", "linear", "--calib", short), out, "calibration"
     )
 
 
 def test_cli_refuses_mode_on_unsupported_architecture(gemma3: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.gguf"
-    assert_one_line_error(cli("prune", gemma3, out, "--layers", "3", "--mode", "fold-vo"), out, "gemma3")
-    assert_one_line_error(cli("prune", gemma3, out, "--layers", "3", "--mode", "linear", "--calib", gemma3), out, "gemma3")
+    assert_refused(run_cli("prune", gemma3, out, "--layers", "3", "--mode", "fold-vo"), out, "gemma3")
+    assert_refused(run_cli("prune", gemma3, out, "--layers", "3", "--mode", "linear", "--calib", gemma3), out, "gemma3")
 
 
 def test_compare_and_inspect_show_the_cost_of_each_mode(stories260k: Path, tinystories: Path, tmp_path: Path) -> None:
@@ -241,6 +218,6 @@ def test_compare_and_inspect_show_the_cost_of_each_mode(stories260k: Path, tinys
     assert result["attention_cost"]["pruned"]["per_token"] == costs[folded]
     table = compare_markdown(result)
     assert "| attention layers | 5 attention, 0 linear, 0 free | 3 attention, 2 linear, 0 free |" in table
-    inspected = cli("inspect", folded)
+    inspected = run_cli("inspect", folded)
     assert inspected.returncode == 0 and "| attention layers | 3 attention, 2 linear, 0 free |" in inspected.stdout
     assert f"| attention FLOPs/token (matrices) | {costs[folded]['flops']:,} |" in inspected.stdout

@@ -12,7 +12,7 @@ from ..criteria import CRITERIA, choose_by_criterion
 from ..errors import GatenormError
 from ..fileio import write_text_atomic
 from ..recovery import DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, check_recovery_options, prune_with_recovery
-from ..report import ATTENTION_COST_LABELS, attention_layer_kinds
+from ..report import ATTENTION_COST_LABELS, attention_layer_kinds, markdown_table
 from ..rewrite import inspect_gguf
 from ..sources.gguf_file import GGUFFile
 from .app import app
@@ -41,6 +41,8 @@ def choose_layers(
     if modes not in (["--layers"], ["--count"], ["--plan"], ["--count", "--plan"]):
         raise GatenormError("give exactly one of --layers, --count or --plan (--count may go with --plan)")
     if layers is not None:
+        if criterion is not None:
+            raise GatenormError("--criterion chooses the --count layers; it does not go with --layers")
         return parse_layers(layers), {"selection": "layers"}
     if count is None:
         raise GatenormError("--plan needs --count K: how many of the plan's lowest-scored layers to remove")
@@ -80,8 +82,7 @@ def _mb(n_bytes: int) -> str:
 
 
 def _markdown(rows: list[tuple[str, Any]]) -> str:
-    lines = ["| | |", "|---|---|"] + [f"| {key} | {value} |" for key, value in rows]
-    return "\n".join(lines)
+    return markdown_table(["", ""], [[key, str(value)] for key, value in rows])
 
 
 @app.command(
@@ -176,7 +177,8 @@ def inspect(
     if cost:
         rows.append(("attention layers", attention_layer_kinds(cost)))
         rows += [(label, f"{cost['per_token'][key]:,}") for key, label in ATTENTION_COST_LABELS]
-    types = ["| tensor type | count | bytes |", "|---|---|---|"] + [
-        f"| {name} | {entry['count']} | {entry['bytes']} |" for name, entry in info["tensor_types"].items()
-    ]
-    typer.echo(_markdown(rows) + "\n\n" + "\n".join(types))
+    types = markdown_table(
+        ["tensor type", "count", "bytes"],
+        [[name, str(entry["count"]), str(entry["bytes"])] for name, entry in info["tensor_types"].items()],
+    )
+    typer.echo(_markdown(rows) + "\n\n" + types)

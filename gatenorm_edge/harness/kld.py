@@ -112,22 +112,9 @@ def kl_divergence(
     kld = np.concatenate(kld_values)
     seconds = time.perf_counter() - started
 
-    def summary(path: Path | str, stats: NllStats) -> PerplexityResult:
-        return PerplexityResult(
-            model=str(path),
-            text=str(text),
-            ctx=ctx,
-            chunks=n_chunks,
-            tokens_scored=stats.count,
-            ppl=stats.ppl,
-            ppl_stderr=stats.ppl_stderr,
-            seconds=seconds,
-            flash_attn=flash_attn,
-        )
-
     return DivergenceResult(
-        base=summary(base_path, base_stats),
-        other=summary(other_path, other_stats),
+        base=PerplexityResult.from_stats(base_path, text, ctx, n_chunks, base_stats, seconds, flash_attn),
+        other=PerplexityResult.from_stats(other_path, text, ctx, n_chunks, other_stats, seconds, flash_attn),
         tokens=int(kld.size),
         kld_mean=float(kld.mean()),
         kld_stderr=float(kld.std() / np.sqrt(kld.size - 1)) if kld.size > 1 else 0.0,

@@ -73,6 +73,15 @@ class PerplexityResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_stats(
+        cls, model: Path | str, text: Path | str, ctx: int, chunks: int, stats: NllStats, seconds: float, flash_attn: bool
+    ) -> PerplexityResult:
+        return cls(
+            model=str(model), text=str(text), ctx=ctx, chunks=chunks, tokens_scored=stats.count,
+            ppl=stats.ppl, ppl_stderr=stats.ppl_stderr, seconds=seconds, flash_attn=flash_attn,
+        )
+
 
 def count_chunks(n_tokens: int, ctx: int, requested: int | None) -> int:
     """How many chunks llama-perplexity evaluates: ``n_tokens // ctx``, capped at ``requested``."""
@@ -143,14 +152,4 @@ def perplexity(
             for index in range(n_chunks):
                 stats.add(token_nll(*chunk_logits(model, tokens, index, ctx)))
                 tick(status=f"PPL {stats.ppl:.4f}")
-    return PerplexityResult(
-        model=str(model_path),
-        text=str(text),
-        ctx=ctx,
-        chunks=n_chunks,
-        tokens_scored=stats.count,
-        ppl=stats.ppl,
-        ppl_stderr=stats.ppl_stderr,
-        seconds=time.perf_counter() - started,
-        flash_attn=flash_attn,
-    )
+    return PerplexityResult.from_stats(model_path, text, ctx, n_chunks, stats, time.perf_counter() - started, flash_attn)

@@ -34,7 +34,7 @@ from .criteria import (
     spearman_vs,
 )
 from .errors import GatenormError
-from .harness.kld import token_divergence
+from .harness.kld import DivergenceTotals, stderr_of_mean, token_divergence
 from .harness.model import open_model
 from .harness.perplexity import NllStats, chunk_logits, token_nll
 from .harness.progress import progress_bar
@@ -126,25 +126,20 @@ class PrunedEvaluation:
             path = self.workdir / "evaluated.gguf"
             prune_gguf(self.model, path, sorted(key), force=True)
             c = self.chunks
-            stats = NllStats()
-            kld: list[np.ndarray] = []
-            same_top = 0
+            totals = DivergenceTotals()
             with contextlib.closing(open_model(path, n_ctx=c.ctx, n_threads=self.n_threads)) as pruned:
                 for index in range(c.chunks):
                     logits, targets = chunk_logits(pruned, c.tokens, index, c.ctx)
-                    divergence = token_divergence(self.base_logits[index], logits, targets)
-                    stats.add(divergence.nll_other)
-                    kld.append(divergence.kld)
-                    same_top += int(divergence.same_top.sum())
-            values = np.concatenate(kld)
+                    totals.add(token_divergence(self.base_logits[index], logits, targets))
+            values = totals.kld()
             self.cache[key] = EvalPoint(
                 k=len(key),
                 layers=sorted(key),
-                ppl=stats.ppl,
-                ppl_stderr=stats.ppl_stderr,
+                ppl=totals.other.ppl,
+                ppl_stderr=totals.other.ppl_stderr,
                 kld=float(values.mean()),
-                kld_stderr=float(values.std() / math.sqrt(values.size - 1)) if values.size > 1 else 0.0,
-                top1_agreement=same_top / values.size,
+                kld_stderr=stderr_of_mean(values),
+                top1_agreement=totals.top1_agreement,
             )
         return self.cache[key]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,40 @@ def token_divergence(base_logits: np.ndarray, other_logits: np.ndarray, targets:
         result.nll_other[rows] = -log_q[picked]
         result.same_top[rows] = log_p.argmax(axis=-1) == log_q.argmax(axis=-1)
     return result
+
+
+@dataclass
+class DivergenceTotals:
+    """Chunk-by-chunk sums: both models' NLLs, every scored position's KLD, and top-1 agreements."""
+
+    base: NllStats = field(default_factory=NllStats)
+    other: NllStats = field(default_factory=NllStats)
+    kld_chunks: list[np.ndarray] = field(default_factory=list)
+    same_top: int = 0
+    kld_sum: float = 0.0
+
+    def add(self, chunk: TokenDivergence) -> None:
+        self.base.add(chunk.nll_base)
+        self.other.add(chunk.nll_other)
+        self.kld_chunks.append(chunk.kld)
+        self.same_top += int(chunk.same_top.sum())
+        self.kld_sum += float(chunk.kld.sum())
+
+    @property
+    def running_kld(self) -> float:
+        return self.kld_sum / self.other.count
+
+    def kld(self) -> np.ndarray:
+        return np.concatenate(self.kld_chunks)
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.same_top / self.other.count
+
+
+def stderr_of_mean(values: np.ndarray) -> float:
+    """Standard error of the mean (0 for fewer than two values)."""
+    return float(values.std() / np.sqrt(values.size - 1)) if values.size > 1 else 0.0
 
 
 @dataclass
@@ -94,33 +128,25 @@ def kl_divergence(
             raise GatenormError(f"{base_path} and {other_path} have different vocabularies")
         tokens = np.asarray(base.tokenize_text(content), dtype=np.int64)
         n_chunks = count_chunks(len(tokens), ctx, chunks)
-        base_stats, other_stats = NllStats(), NllStats()
-        kld_values: list[np.ndarray] = []
-        same_top = 0
-        kld_total = 0.0
+        totals = DivergenceTotals()
         with progress_bar(f"KLD {Path(other_path).name}", n_chunks, progress) as tick:
             for index in range(n_chunks):
                 base_logits, targets = chunk_logits(base, tokens, index, ctx)
                 other_logits, _ = chunk_logits(other, tokens, index, ctx)
-                chunk = token_divergence(base_logits, other_logits, targets)
-                base_stats.add(chunk.nll_base)
-                other_stats.add(chunk.nll_other)
-                kld_values.append(chunk.kld)
-                same_top += int(chunk.same_top.sum())
-                kld_total += float(chunk.kld.sum())
-                tick(status=f"PPL {base_stats.ppl:.3f} -> {other_stats.ppl:.3f}, KLD {kld_total / base_stats.count:.4f}")
-    kld = np.concatenate(kld_values)
+                totals.add(token_divergence(base_logits, other_logits, targets))
+                tick(status=f"PPL {totals.base.ppl:.3f} -> {totals.other.ppl:.3f}, KLD {totals.running_kld:.4f}")
+    kld = totals.kld()
     seconds = time.perf_counter() - started
 
     return DivergenceResult(
-        base=PerplexityResult.from_stats(base_path, text, ctx, n_chunks, base_stats, seconds, flash_attn),
-        other=PerplexityResult.from_stats(other_path, text, ctx, n_chunks, other_stats, seconds, flash_attn),
+        base=PerplexityResult.from_stats(base_path, text, ctx, n_chunks, totals.base, seconds, flash_attn),
+        other=PerplexityResult.from_stats(other_path, text, ctx, n_chunks, totals.other, seconds, flash_attn),
         tokens=int(kld.size),
         kld_mean=float(kld.mean()),
-        kld_stderr=float(kld.std() / np.sqrt(kld.size - 1)) if kld.size > 1 else 0.0,
+        kld_stderr=stderr_of_mean(kld),
         kld_median=float(np.median(kld)),
         kld_p99=float(np.percentile(kld, 99)),
         kld_max=float(kld.max()),
-        top1_agreement=same_top / kld.size,
+        top1_agreement=totals.top1_agreement,
         seconds=seconds,
     )

@@ -13,7 +13,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, Keys
@@ -187,3 +187,30 @@ class GGUFLayout:
 
     def arch_value(self, suffix: str, default: Any = None) -> Any:
         return self.value(f"{self.architecture}.{suffix}", default)
+
+
+class ArchMetadata(Protocol):
+    """What per-layer metadata needs: a path for messages and architecture-scoped values."""
+
+    path: Path
+
+    @property
+    def architecture(self) -> str: ...
+
+    def arch_value(self, suffix: str, default: Any = None) -> Any: ...
+
+
+def head_counts(model: ArchMetadata, n_layers: int) -> tuple[list[int], list[int]]:
+    """Per-layer query and KV head counts: scalars apply to every layer, KV defaults to the query count."""
+
+    def per_layer(suffix: str, default: Any = None) -> list[int]:
+        value = model.arch_value(suffix, default)
+        if value is None:
+            raise GatenormError(f"{model.path}: metadata key {model.architecture}.{suffix} is missing")
+        if isinstance(value, list):
+            if len(value) != n_layers:
+                raise GatenormError(f"{model.path}: {model.architecture}.{suffix} has {len(value)} entries, not {n_layers}")
+            return [int(v) for v in value]
+        return [int(value)] * n_layers
+
+    return per_layer("attention.head_count"), per_layer("attention.head_count_kv", model.arch_value("attention.head_count"))

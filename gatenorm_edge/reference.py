@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GatenormError
+from .gguf_layout import head_counts
 from .sources.gguf_file import GGUFFile
 
 ROPE_STYLE = {"llama": "normal", "deci": "normal", "qwen2": "neox"}
@@ -45,12 +46,7 @@ class ModelArgs:
         if arch not in ROPE_STYLE:
             raise GatenormError(f"the reference forward pass covers {', '.join(ROPE_STYLE)}, not '{arch}'")
         n_layers = int(model.arch_value("block_count"))
-
-        def per_layer(suffix: str, default: object = None) -> list[int]:
-            value = model.arch_value(suffix, default)
-            return [int(v) for v in value] if isinstance(value, list) else [int(value)] * n_layers
-
-        n_heads = per_layer("attention.head_count")
+        n_heads, n_kv_heads = head_counts(model, n_layers)
         n_embd = int(model.arch_value("embedding_length"))
         head_dim = int(model.arch_value("attention.key_length", n_embd // n_heads[0]))
         scaling = model.arch_value("rope.scaling.type", "none")
@@ -62,7 +58,7 @@ class ModelArgs:
             n_embd=n_embd,
             head_dim=head_dim,
             n_heads=n_heads,
-            n_kv_heads=per_layer("attention.head_count_kv", model.arch_value("attention.head_count")),
+            n_kv_heads=n_kv_heads,
             norm_eps=float(model.arch_value("attention.layer_norm_rms_epsilon")),
             rope_base=float(model.arch_value("rope.freq_base", 10000.0)),
             rope_style=ROPE_STYLE[arch],

@@ -38,7 +38,7 @@ from gguf.quants import QuantError, quantize
 from . import __version__
 from .errors import GatenormError
 from .fileio import atomic_output
-from .gguf_layout import GGUF_MAGIC, GGUFLayout, TensorSpan
+from .gguf_layout import GGUF_MAGIC, GGUFLayout, TensorSpan, head_counts
 from .sources.rope_layout import hf_to_gguf_rows
 
 TARGET_ARCH = "deci"
@@ -188,17 +188,6 @@ def _tensor_info(name: str, dims: Sequence[int], ggml_type: int, offset: int) ->
 
 # --------------------------------------------------------------------------------------------
 # Reading what the input says about its layers
-
-
-def _per_layer(model: GGUFLayout, suffix: str, n_layers: int, default: Any = None) -> list[int]:
-    value = model.arch_value(suffix, default)
-    if value is None:
-        raise GatenormError(f"{model.path}: metadata key {model.architecture}.{suffix} is missing")
-    if isinstance(value, list):
-        if len(value) != n_layers:
-            raise GatenormError(f"{model.path}: {model.architecture}.{suffix} has {len(value)} entries, not {n_layers}")
-        return [int(v) for v in value]
-    return [int(value)] * n_layers
 
 
 def _block_count(model: GGUFLayout) -> int:
@@ -383,8 +372,7 @@ def _plan(model: GGUFLayout, layers: Sequence[int], provenance: dict[str, str] |
         raise GatenormError(f"cannot prune {src}: mixture-of-experts FFN layers have no deci form")
     _check_tensor_names(model, n_layers)
 
-    head_count = _per_layer(model, "attention.head_count", n_layers)
-    head_count_kv = _per_layer(model, "attention.head_count_kv", n_layers, model.arch_value("attention.head_count"))
+    head_count, head_count_kv = head_counts(model, n_layers)
     already_free = [i for i in range(n_layers) if head_count[i] == 0]
     already_linear = [i for i in range(n_layers) if head_count[i] > 0 and head_count_kv[i] == 0]
     if already_linear:
@@ -668,8 +656,7 @@ def _attention_cost(model: GGUFLayout) -> dict[str, Any]:
     n_layers = int(model.arch_value("block_count", 0) or 0)
     if n_layers == 0 or model.arch_value("attention.head_count") is None:
         return {}
-    heads = _per_layer(model, "attention.head_count", n_layers)
-    kv_heads = _per_layer(model, "attention.head_count_kv", n_layers, model.arch_value("attention.head_count"))
+    heads, kv_heads = head_counts(model, n_layers)
     n_embd = int(model.arch_value("embedding_length"))
     head_dim = int(model.arch_value("attention.key_length", n_embd // max(heads[0], 1)))
     kinds: dict[str, list[int]] = {"attention": [], "linear": [], "free": []}

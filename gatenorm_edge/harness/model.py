@@ -20,6 +20,7 @@ import llama_cpp
 import numpy as np
 
 from ..errors import GatenormError
+from ..gguf_layout import head_counts
 from ..sources import GGUFFile
 
 DEFAULT_BATCH = 2048  # llama-perplexity's and llama-bench's default n_batch
@@ -152,13 +153,6 @@ class LoadedModel(llama_cpp.Llama):
         self.n_tokens = n_tokens
 
 
-def _per_layer(gguf: GGUFFile, suffix: str, n_layers: int, default: int | list[int] | None = None) -> list[int]:
-    value = gguf.arch_value(suffix, default)
-    if value is None:
-        raise GatenormError(f"{gguf.path}: metadata {gguf.architecture}.{suffix} is missing")
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)] * n_layers
-
-
 def derived_kv_bytes(gguf: GGUFFile, cells: int, flash_attn: bool) -> int:
     """KV-cache bytes llama.cpp allocates for ``cells`` positions (f16 K and V), from the GGUF metadata.
 
@@ -168,8 +162,7 @@ def derived_kv_bytes(gguf: GGUFFile, cells: int, flash_attn: bool) -> int:
     included, to the widest layer.
     """
     n_layers = int(gguf.arch_value("block_count"))
-    heads = _per_layer(gguf, "attention.head_count", n_layers)
-    kv_heads = _per_layer(gguf, "attention.head_count_kv", n_layers, gguf.arch_value("attention.head_count"))
+    heads, kv_heads = head_counts(gguf, n_layers)
     n_embd = int(gguf.arch_value("embedding_length"))
     key_size = int(gguf.arch_value("attention.key_length", n_embd // heads[0]))
     value_size = int(gguf.arch_value("attention.value_length", n_embd // heads[0]))

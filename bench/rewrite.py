@@ -3,7 +3,8 @@
 Same run, interleaved (cp, prune, cp, prune, ...), medians. The prune child times only the
 ``prune_gguf`` call (interpreter start-up excluded; it is a constant, not throughput) and its
 peak RSS is the child's ``ru_maxrss`` (whole process: interpreter, numpy, gguf and the rewrite).
-The prune includes what a safe rewrite must do and cp does not: the source sha256 and an fsync.
+The prune includes what a safe rewrite must do and cp does not: the source sha256 and an fsync;
+`cp` followed by `sync FILE` (fsync of the copy) is timed too, for the same durability.
 Two conditions: warm (the source in the page cache: CPU-bound, where the sha256 dominates) and cold
 (the source's pages evicted with posix_fadvise(DONTNEED) before each contender: disk-bound, the usual
 case for a model file that has not just been read).
@@ -20,8 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from gatenorm_edge.fileio import file_sha256
 from gatenorm_edge.gguf_layout import GGUFLayout
-from gatenorm_edge.rewrite import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATE_DIRS = [
@@ -29,6 +30,7 @@ CANDIDATE_DIRS = [
     Path(os.environ.get("GATENORM_MODELS", Path.home() / ".cache" / "gatenorm-edge" / "models")),
 ]
 ROUNDS = 5
+TARGET_RATIO, TARGET_RSS_MB = 0.8, 300
 
 CHILD = """
 import sys, time
@@ -78,15 +80,18 @@ def warm(path: Path) -> None:
 
 
 def interleaved_rounds(source: Path, tmp: Path, prepare: Callable[[Path], None]) -> dict[str, list[float]]:
-    """ROUNDS x (cp, sha256, prune) of the same file, ``prepare(source)`` before each contender."""
-    times: dict[str, list[float]] = {"cp": [], "sha256": [], "prune": [], "rss": []}
+    """ROUNDS x (cp, cp + sync, sha256, prune) of the same file, ``prepare(source)`` before each contender."""
+    times: dict[str, list[float]] = {"cp": [], "cp_sync": [], "sha256": [], "prune": [], "rss": []}
     for _ in range(ROUNDS):
         target = tmp / "cp.gguf"
-        prepare(source)
-        start = time.perf_counter()
-        subprocess.run(["cp", str(source), str(target)], check=True)
-        times["cp"].append(time.perf_counter() - start)
-        target.unlink()
+        for key, durable in (("cp", False), ("cp_sync", True)):
+            prepare(source)
+            start = time.perf_counter()
+            subprocess.run(["cp", str(source), str(target)], check=True)
+            if durable:
+                subprocess.run(["sync", str(target)], check=True)  # fsync(2) of the copy, as prune does
+            times[key].append(time.perf_counter() - start)
+            target.unlink()
         prepare(source)
         start = time.perf_counter()
         file_sha256(source)
@@ -101,15 +106,18 @@ def interleaved_rounds(source: Path, tmp: Path, prepare: Callable[[Path], None])
 
 
 def summary(size: int, times: dict[str, list[float]]) -> dict[str, float]:
-    cp, prune, sha = (statistics.median(times[key]) for key in ("cp", "prune", "sha256"))
+    cp, cp_sync, prune, sha = (statistics.median(times[key]) for key in ("cp", "cp_sync", "prune", "sha256"))
     return {
         "cp_seconds_median": cp,
+        "cp_then_sync_seconds_median": cp_sync,
         "prune_seconds_median": prune,
         "sha256_seconds_median": sha,
         "cp_mb_per_s": size / cp / 1e6,
         "prune_mb_per_s": size / prune / 1e6,
         "throughput_ratio_vs_cp": cp / prune,
+        "throughput_ratio_vs_cp_then_sync": cp_sync / prune,
         "ratio_bound_by_sha256": cp / sha,
+        "meets_target_vs_cp": cp / prune >= TARGET_RATIO,
         "peak_rss_mb": max(times["rss"]) / 1e6,
     }
 
@@ -132,11 +140,12 @@ def run() -> dict:
         "rounds": ROUNDS,
         "warm": summary(size, warm_times),
         "cold": summary(size, cold_times),
-        "target_ratio": 0.8,
-        "target_rss_mb": 300,
+        "target_ratio": TARGET_RATIO,
+        "target_rss_mb": TARGET_RSS_MB,
+        "meets_rss_target": max(warm_times["rss"] + cold_times["rss"]) / 1e6 <= TARGET_RSS_MB,
         "note": (
             "prune includes the source sha256 (background thread, required provenance) and fsync; "
-            "cp does neither. ratio_bound_by_sha256 = cp time / sha256 time of the same file: no rewrite "
+            "cp does neither (cp_then_sync adds the fsync: same durability, no hash). ratio_bound_by_sha256 = cp time / sha256 time of the same file: no rewrite "
             "that records the source hash can beat it"
         ),
     }

@@ -3,7 +3,8 @@
 The checkpoint is written once by ``tools/make_13b_checkpoint.py`` into a cache folder outside the
 repository ($GATENORM_BENCH_CACHE, default ~/.cache/gatenorm-edge/bench). Each scoring run is a
 fresh child process (``score_model`` timed inside it; process wall time measured outside); its peak
-RSS is the child's own ``ru_maxrss`` from ``wait4`` and its bytes read come from /proc/self/io.
+RSS is the child's own ``ru_maxrss`` from ``wait4``; the bytes it fetched from storage (memory-mapped
+reads included; about 0 when warm) come from /proc/self/io ``read_bytes``.
 
 Floor = bytes the scorer must read / measured read bandwidth + FLOPs it must do / measured NumPy
 float32 matmul rate (2048 x 2048 GEMM). Per-head FLOPs count only the distinct entries of each
@@ -38,13 +39,13 @@ CHILD = """
 import json, sys, time
 from gatenorm_edge.scoring import score_model
 
-def bytes_read():
+def storage_bytes_read():
     with open("/proc/self/io") as io:
-        return int(next(line.split()[1] for line in io if line.startswith("rchar")))
+        return int(next(line.split()[1] for line in io if line.startswith("read_bytes")))
 
-before, start = bytes_read(), time.perf_counter()
+before, start = storage_bytes_read(), time.perf_counter()
 report = score_model(sys.argv[1], sys.argv[2])
-print(json.dumps({"score_seconds": time.perf_counter() - start, "bytes_read": bytes_read() - before,
+print(json.dumps({"score_seconds": time.perf_counter() - start, "storage_bytes_read": storage_bytes_read() - before,
                   "prune_order_head": report.prune_order[:5]}))
 """
 
@@ -71,7 +72,7 @@ def scored_entries() -> list[TensorEntry]:
 
 
 def read_seconds(entries: list[TensorEntry]) -> float:
-    """Time to read these tensors' bytes the way the reader does (positioned reads into private buffers)."""
+    """Read bandwidth: time to read these tensors' bytes with positioned reads into private buffers."""
     start = time.perf_counter()
     for entry in entries:
         with entry.path.open("rb") as handle:
@@ -125,7 +126,7 @@ def summarize(runs: list[dict[str, float]], floor: float, matmul_count_floor: fl
         "wall_seconds_median": round(wall, 2),
         "score_seconds_median": round(statistics.median(r["score_seconds"] for r in runs), 2),
         "peak_rss_mb": round(peak / 1e6, 1),
-        "bytes_read": runs[0]["bytes_read"],
+        "storage_bytes_read": runs[0]["storage_bytes_read"],
         "floor_seconds": round(floor, 2),
         "wall_to_floor": round(wall / floor, 2),
         "meets_targets": {

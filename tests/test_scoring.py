@@ -13,7 +13,7 @@ from gguf.quants import dequantize
 
 import tiny_models as tm
 from gatenorm_edge.errors import GatenormError
-from gatenorm_edge.scoring import VARIANTS, ScoreReport, full_score, per_head_score, score_layer, score_model
+from gatenorm_edge.scoring import VARIANTS, ScoreReport, _widen_float16, full_score, per_head_score, score_layer, score_model
 from gatenorm_edge.sources import open_source
 from gatenorm_edge.sources.rope_layout import hf_to_gguf_rows
 
@@ -104,6 +104,33 @@ def test_float16_checkpoints_score_like_their_float32_values(tiny: dict[str, Pat
         expected = [e.score for e in score_model(reference, variant).layers]
         np.testing.assert_allclose([e.score for e in score_model(model, variant).layers], expected, rtol=1e-6)
     assert open_source(gguf_f16).attention(1).q.dtype == np.float16
+
+
+def test_float16_widening_is_exact_for_every_finite_value() -> None:
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    widened = np.empty(every.shape, dtype=np.float32)
+    _widen_float16(every, widened)
+    exact = every.astype(np.float32)
+    finite = np.isfinite(exact)
+    assert finite.sum() == 2**16 - 2 * 1024  # Inf and NaN: exponent all ones, 1024 mantissas, two signs
+    np.testing.assert_array_equal(widened[finite].view(np.uint32), exact[finite].view(np.uint32))
+    assert np.all(np.abs(widened[~finite]) >= 65536)  # what the scorer's fallback detects
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("special", [np.inf, -np.inf, np.nan, 60000.0])
+def test_float16_heads_with_inf_nan_or_huge_values_score_like_float32(special: float) -> None:
+    rng = np.random.default_rng(8)
+    n_head, head_dim, width = 4, 8, 64
+    q = rng.standard_normal((n_head * head_dim, width)).astype(np.float16)
+    k = rng.standard_normal((n_head * head_dim, width)).astype(np.float16)
+    q[head_dim + 3, 5:7] = special  # two 60000s: a finite row whose square sum passes 2**32
+    got = per_head_score(q, k, n_head, n_head)
+    expected = per_head_score(q.astype(np.float32), k.astype(np.float32), n_head, n_head)
+    if np.isnan(expected) or np.isinf(expected):
+        assert np.isnan(expected) == np.isnan(got) and np.isinf(expected) == np.isinf(got)
+    else:
+        assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_grouped_query_heads_read_consecutive_kv_heads() -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import bz2
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -45,6 +44,7 @@ import llama_cpp
 import numpy as np
 
 from ..errors import GatenormError
+from ..fileio import file_sha256
 from ..sources import GGUFFile
 from .model import LoadedModel, open_model, training_context
 from .progress import progress_bar
@@ -360,14 +360,6 @@ def choice_loglikelihoods(model: LoadedModel, choices: Sequence[ChoiceTokens], *
 
 
 # ---------------------------------------------------------------------------------------- results cache
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_cache_dir() -> Path:

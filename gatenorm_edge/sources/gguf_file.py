@@ -22,6 +22,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from gguf.quants import dequantize
 
 from ..errors import GatenormError
+from ..fileio import map_region
 from ..gguf_layout import SCALAR_FORMATS, GGUFLayout, TensorSpan
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -122,9 +123,8 @@ class GGUFFile:
         row_elements, *outer = span.shape
         if row_elements % block_size:
             raise GatenormError(f"{path}: tensor {name} has rows of {row_elements}, not whole {span.tensor_type.name} blocks")
-        with path.open("rb") as handle:
-            raw = np.fromfile(handle, dtype=np.uint8, count=span.n_bytes, offset=span.data_offset)
-        if raw.size != span.n_bytes:
+        raw = map_region(path, span.data_offset, span.n_bytes)
+        if raw is None:
             raise GatenormError(f"{path}: truncated GGUF, tensor {name} is cut short")
         blocks = raw.reshape(*reversed(outer), row_elements // block_size * type_size)
         if keep_float16 and span.tensor_type == GGMLQuantizationType.F16:

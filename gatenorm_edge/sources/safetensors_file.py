@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GatenormError
+from ..fileio import map_region
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20
@@ -106,11 +107,10 @@ def read_tensor(entry: TensorEntry, keep_float16: bool = False) -> np.ndarray:
         raise GatenormError(
             f"{entry.path}: tensor {entry.name} has dtype {entry.dtype}; only F32, F16 and BF16 can be read"
         )
-    count = entry.nbytes // storage.itemsize
-    with entry.path.open("rb") as handle:
-        raw = np.fromfile(handle, dtype=storage, count=count, offset=entry.offset)
-    if raw.size != count:
+    region = map_region(entry.path, entry.offset, entry.nbytes)
+    if region is None:
         raise GatenormError(f"{entry.path}: truncated safetensors file: tensor {entry.name} is cut short")
+    raw = region.view(storage)
     if entry.dtype == "BF16":
         values = (raw.astype(np.uint32) << 16).view(np.float32)
     elif keep_float16:

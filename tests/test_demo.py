@@ -53,9 +53,12 @@ def test_demo_end_to_end_on_stories260k(stories260k: Path, shared_dir: Path, tmp
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    scores = json.loads((out / "scores.json").read_text())
+    prune = json.loads((out / "prune.json").read_text())
     result = json.loads((out / "compare.json").read_text())
-    assert result["demo"]["layers_pruned"] == sorted(scores["prune_order"][:2])
+    assert result["demo"]["layers_pruned"] == prune["selfprune"]["layers"] and len(prune["selfprune"]["layers"]) == 2
+    assert json.loads((out / "scores.json").read_text())["variant"] == "per-head"
+    assert result["summary"] in done.stdout and "Removed attention from 2 of 5 layers" in result["summary"]
+    assert "at depth 32" in result["summary"] and "KV cache is 40% smaller" in result["summary"]
     table = (out / "compare.md").read_text()
     assert "KLD 99th percentile" in table and "pp512 t/s @ depth 32" in table
     assert table.split("\n\n", 1)[1].strip().splitlines()[0] in done.stdout  # the printed table is the saved one

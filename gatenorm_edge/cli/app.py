@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from types import FrameType
 
 import typer
 
@@ -30,10 +32,16 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary outputs are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point: run the app, reporting known failures in one line."""
     from . import commands  # noqa: F401  (registers every subcommand on ``app``)
 
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
     except GatenormError as exc:

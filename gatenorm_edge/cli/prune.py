@@ -11,7 +11,9 @@ import typer
 from ..criteria import CRITERIA, choose_by_criterion
 from ..errors import GatenormError
 from ..fileio import write_text_atomic
-from ..recovery import DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, check_recovery_options, prune_with_recovery
+from ..recovery import AUTO, DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, check_recovery_options, prune_with_recovery
+from ..scoring import VARIANTS
+from ..selfprune import self_prune
 from ..report import ATTENTION_COST_LABELS, attention_layer_kinds, markdown_table
 from ..rewrite import inspect_gguf
 from ..sources.gguf_file import GGUFFile
@@ -26,29 +28,38 @@ def parse_layers(text: str) -> list[int]:
     return [int(item) for item in items]
 
 
+SELF = "self"
+
+
 def choose_layers(
     model: Path,
     layers: Optional[str],
     count: Optional[int],
-    variant: str,
+    variant: Optional[str],
     plan: Optional[Path],
     criterion: Optional[str] = None,
     criterion_text: Optional[Path] = None,
     criterion_chunks: int = 1,
-) -> tuple[list[int], dict[str, str]]:
-    """The layers to prune and the provenance that explains how they were chosen."""
+) -> tuple[list[int] | None, dict[str, str]]:
+    """The layers to prune and the provenance that explains how they were chosen.
+
+    ``None`` layers mean the self-calibrated choice (``--criterion self``, the default for ``--count``),
+    which ``selfprune`` makes together with the patches.
+    """
     modes = [name for name, given in (("--layers", layers), ("--count", count), ("--plan", plan)) if given is not None]
     if modes not in (["--layers"], ["--count"], ["--plan"], ["--count", "--plan"]):
         raise GatenormError("give exactly one of --layers, --count or --plan (--count may go with --plan)")
     if layers is not None:
-        if criterion is not None:
-            raise GatenormError("--criterion chooses the --count layers; it does not go with --layers")
+        if criterion is not None or variant is not None:
+            raise GatenormError("--criterion or --variant chooses the --count layers; it does not go with --layers")
         return parse_layers(layers), {"selection": "layers"}
     if count is None:
         raise GatenormError("--plan needs --count K: how many of the plan's lowest-scored layers to remove")
-    if criterion is not None:
-        if plan is not None:
-            raise GatenormError("--criterion and --plan are two ways to choose layers: give one")
+    if criterion is not None and (plan is not None or variant is not None):
+        raise GatenormError("--criterion, --variant and --plan are three ways to choose layers: give one")
+    if criterion is None and variant is None and plan is None or criterion == SELF:
+        return None, {}
+    if criterion is not None and criterion not in VARIANTS:
         ranking = choose_by_criterion(model, criterion, count, calib_text=criterion_text, calib_chunks=criterion_chunks)
         chosen = ranking.prune_order[:count]
         return chosen, {
@@ -64,7 +75,7 @@ def choose_layers(
             raise GatenormError(f"{plan} scores a {report.n_layers}-layer model, but {model} has {n_layers} layers")
         selection = f"plan {plan.name}"
     else:
-        report = score_model(model, variant=variant, progress=True)
+        report = score_model(model, variant=criterion or variant or "per-head", progress=True)
         selection = "score"
     if not 1 <= count <= len(report.prune_order):
         raise GatenormError(f"--count must be between 1 and {len(report.prune_order)}, not {count}")
@@ -88,67 +99,96 @@ def _markdown(rows: list[tuple[str, Any]]) -> str:
 @app.command(
     epilog=(
         "Examples:\n\n"
+        "  gatenorm-edge prune model.gguf pruned.gguf --count 4\n\n"
+        "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --criterion per-head --mode drop\n\n"
+        "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --calib my-own-text.txt --json result.json\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --layers 12,20,25\n\n"
-        "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --variant per-head\n\n"
-        "  gatenorm-edge prune model.gguf pruned.gguf --plan scores.json --count 4 --json result.json\n\n"
+        "  gatenorm-edge prune model.gguf pruned.gguf --plan scores.json --count 4\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --criterion greedy-ppl --criterion-text tinystories.txt\n\n"
-        "  gatenorm-edge prune model.gguf folded.gguf --count 4 --mode fold-vo --alpha-search tinystories.txt\n\n"
-        "  gatenorm-edge prune model.gguf patched.gguf --count 4 --mode linear --calib tinystories.txt"
+        "  gatenorm-edge prune model.gguf folded.gguf --count 4 --mode fold-vo --alpha-search tinystories.txt"
     )
 )
 def prune(
     model: Path = typer.Argument(..., help="Input GGUF (llama, qwen2, or an already pruned deci file)."),
     out: Path = typer.Argument(..., help="Output GGUF (deci architecture)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers to make attention-free."),
-    count: Optional[int] = typer.Option(None, "--count", help="Remove the K lowest-scored attention sublayers."),
-    variant: str = typer.Option("per-head", "--variant", help="Gate-Norm variant used with --count."),
+    count: Optional[int] = typer.Option(
+        None, "--count",
+        help="Remove K attention sublayers. Alone, this runs the data-free default: the model samples its own "
+        "calibration text, critical layers are vetoed by KL divergence, and each removed layer gets a linear "
+        "patch only where that beats dropping it on held-out text.",
+    ),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Choose the --count layers by this Gate-Norm variant (per-head, full, folded)."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Score JSON from `gatenorm-edge score --json`."),
     criterion: Optional[str] = typer.Option(
         None, "--criterion",
-        help=f"Choose the --count layers by another criterion: {', '.join(CRITERIA)}. Data-driven ones (loo-ppl, "
-        "greedy-ppl, cosine) calibrate on --criterion-text. See `study`.",
+        help=f"How to choose the --count layers: self (the default), or {', '.join(CRITERIA)}. Data-driven ones "
+        "(loo-ppl, greedy-ppl, cosine) calibrate on --criterion-text. per-head with --mode drop is the paper's "
+        "Gate-Norm and the old default. See `study`.",
     ),
     criterion_text: Optional[Path] = typer.Option(None, "--criterion-text", help="Calibration text for a data-driven --criterion."),
     criterion_chunks: int = typer.Option(1, "--criterion-chunks", help="Calibration chunks of 512 tokens for --criterion-text."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
-    mode: str = typer.Option(
-        "drop", "--mode",
-        help="drop: no attention; fold-vo: alpha*W_O*W_V linear attention; linear: least-squares fitted linear attention.",
+    mode: Optional[str] = typer.Option(
+        None, "--mode",
+        help="auto (default with --count alone): a validated linear patch where it beats dropping, else drop; "
+        "drop (default otherwise): no attention; fold-vo: alpha*W_O*W_V; linear: least-squares linear attention "
+        "fitted on --calib.",
     ),
     alpha: float = typer.Option(1.0, "--alpha", help="fold-vo scale (data-free default 1.0)."),
     alpha_search: Optional[Path] = typer.Option(
         None, "--alpha-search", help="fold-vo: choose alpha by perplexity on this text (ctx 256, 4 chunks)."
     ),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="linear: calibration text (keep it apart from evaluation text)."),
+    calib: Optional[Path] = typer.Option(
+        None, "--calib",
+        help="auto: calibrate on this text instead of text sampled from the model; linear: the calibration text "
+        "(keep it apart from evaluation text).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="auto: the seed of the self-sampled calibration text."),
     calib_tokens: int = typer.Option(DEFAULT_CALIB_TOKENS, "--calib-tokens", help="linear: calibration tokens."),
     calib_ctx: int = typer.Option(DEFAULT_CALIB_CTX, "--calib-ctx", help="linear: tokens per calibration sequence."),
     ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", help="linear: ridge, relative to the mean input energy."),
 ) -> None:
     """Rewrite MODEL so the chosen layers run without attention in stock llama.cpp (deci architecture).
 
-    --mode fold-vo and --mode linear replace the removed attention with deci linear attention
-    (x + W·attn_norm(x), one n_embd x n_embd matrix per layer, no KV cache).
+    Patched layers become deci linear attention (x + W·attn_norm(x), one n_embd x n_embd matrix per
+    layer, no KV cache); the others are attention-free.
     """
-    check_recovery_options(mode, alpha, alpha_search, calib)
     chosen, provenance = choose_layers(model, layers, count, variant, plan, criterion, criterion_text, criterion_chunks)
-    result, recovery = prune_with_recovery(
-        model, out, chosen, mode, alpha=alpha, alpha_search_text=alpha_search, calib_text=calib,
-        calib_tokens=calib_tokens, calib_ctx=calib_ctx, ridge=ridge, force=force, provenance=provenance, progress=True,
-    )
+    mode = mode or (AUTO if chosen is None else "drop")
+    check_recovery_options(mode, alpha, alpha_search, calib)
+    details: dict[str, Any] = {}
+    if mode == AUTO or chosen is None:
+        if mode not in (AUTO, "drop"):
+            raise GatenormError(f"--criterion self goes with --mode auto or drop, not {mode}")
+        result, report = self_prune(
+            model, out, count, calib=calib, fixed=chosen, recover=mode == AUTO, seed=seed, force=force, progress=True
+        )
+        details = {"selfprune": report.to_dict()}
+        summary = [("calibration", f"{report.calibration['tokens']} tokens, {report.calibration['source']}"),
+                   ("vetoed (critical) layers", ", ".join(map(str, report.vetoed)) or "none"),
+                   ("seconds (whole pipeline)", f"{report.seconds['total']:.1f}")]
+    else:
+        result, recovery = prune_with_recovery(
+            model, out, chosen, mode, alpha=alpha, alpha_search_text=alpha_search, calib_text=calib,
+            calib_tokens=calib_tokens, calib_ctx=calib_ctx, ridge=ridge, force=force, provenance=provenance, progress=True,
+        )
+        details = {"recovery": recovery.to_dict()}
+        summary = [("mode", mode + (f", alpha {recovery.alpha}" if recovery.alpha is not None else "")),
+                   ("seconds", f"{result.seconds:.2f}")]
     if json_path is not None:
-        write_text_atomic(json_path, json.dumps(result.to_dict() | {"recovery": recovery.to_dict()}, indent=2) + "\n")
+        write_text_atomic(json_path, json.dumps(result.to_dict() | details, indent=2) + "\n")
     typer.echo(
         _markdown([
             ("input", f"{model} ({result.architecture}, {result.n_layers} layers)"),
             ("output", f"{out} (deci)"),
             ("attention-free layers", ", ".join(map(str, result.layers_pruned)) or "none"),
             ("linear-attention layers", ", ".join(map(str, result.linear_layers)) or "none"),
-            ("mode", mode + (f", alpha {recovery.alpha}" if recovery.alpha is not None else "")),
             ("size", f"{_mb(result.bytes_in)} -> {_mb(result.bytes_out)}"),
             ("dropped tensors", f"{len(result.dropped_tensors)} ({_mb(result.dropped_bytes)})"),
             ("Q/K tensors reordered for RoPE", len(result.permuted_tensors)),
-            ("seconds", f"{result.seconds:.2f}"),
+            *summary,
         ])
     )
 

@@ -16,7 +16,10 @@ class Ticker(Protocol):
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, enabled: bool) -> Iterator[Ticker]:
-    """Yield ``tick(advance=1, status=None)``: moves the bar and shows ``status`` (e.g. the running PPL)."""
+    """Yield ``tick(advance=1, status=None)``: moves the bar and shows ``status`` (e.g. the running PPL).
+
+    If the block fails, the bar is erased, so the failure's one-line error stands alone.
+    """
     if not enabled:
         yield lambda advance=1, status=None: None
         return
@@ -37,4 +40,8 @@ def progress_bar(description: str, total: int, enabled: bool) -> Iterator[Ticker
             else:
                 bar.update(task, advance=advance, status=status)
 
-        yield tick
+        try:
+            yield tick
+        except BaseException:
+            bar.live.transient = True  # a failed step leaves only its one-line error behind
+            raise

@@ -1,0 +1,372 @@
+"""The data-free default of ``prune --count K``: choose layers and recover them on the model's own samples.
+
+Five stages, all in llama.cpp on the model's own quantized weights (``harness.probe`` edits the residual
+stream during a decode, so no candidate file is ever written):
+
+1. **calibrate**: sample sequences from the model itself from varied starts (``harness.selfcal``), or
+   cut them from ``--calib FILE``. The sequences are split into a *fit* part and a *held-out* part with
+   other start texts, so anything fitted must carry over to kinds of text it was not fitted on.
+2. **capture**: one pass over every sequence records, per layer, the least-squares statistics of its
+   attention output against its normed input (fit and held-out apart), and how much it turns the
+   residual stream (1 - cos(x, x + attention(x)), the ``cosine`` criterion).
+3. **patch**: per layer, a ridge linear patch W (x + W·attn_norm(x), deci linear attention) is fitted
+   on the fit part for each ridge of ``RIDGES``; the ridge with the smallest held-out error wins, and the
+   patch is kept only where that error is below a plain drop's (relative error 1). Else the layer is dropped.
+4. **choose**: walk the cosine order; the first K + ``SHORTLIST_EXTRA`` layers are each dropped alone and
+   scored by KL divergence from the base model on held-out tokens; any layer, then or later in the walk,
+   whose KLD exceeds ``VETO_FACTOR`` times the shortlist's median is vetoed (a critical layer: the study's
+   finding). The first K that pass are removed.
+5. **guard**: the K layers together, patched as chosen, against all of them dropped, on the same held-out
+   tokens: the patches stay only if they beat the plain drop there. Then the file is written.
+
+Measured against the alternatives in docs/study.md ("The data-free default").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import GatenormError
+from .harness.model import LoadedModel, open_model
+from .harness.perplexity import log_softmax, row_blocks
+from .harness.probe import StreamEdits, StreamProbe
+from .harness.progress import Ticker, progress_bar
+from .harness.selfcal import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, Calibration, self_calibration, text_calibration
+from .harness.text import read_text
+from .recovery import ridge_solve
+from .rewrite import PruneResult, check_output_path, plan_rewrite, prune_gguf
+from .scoring import score_model
+
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+HELD_OUT = (2, 6, 9, 13)  # sequence indices kept for validation: other start texts than the fit part
+KLD_SEQUENCES = 2  # held-out sequences scored for KLD, in full; their second half is scored, as perplexity does
+SHORTLIST_EXTRA = 3
+VETO_FACTOR = 3.0
+STAGES = 5
+
+
+@dataclass
+class LeastSquares:
+    """Sufficient statistics of Y ~ X W^T (X: normed inputs, Y: attention outputs): X^T X, X^T Y, sum |Y|^2."""
+
+    gram: np.ndarray
+    cross: np.ndarray
+    target_energy: float = 0.0
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, width: int) -> LeastSquares:
+        return cls(np.zeros((width, width)), np.zeros((width, width)))
+
+    def add(self, normed: np.ndarray, attention: np.ndarray) -> None:
+        self.gram += normed.T @ normed
+        self.cross += normed.T @ attention
+        self.target_energy += float(np.sum(np.square(attention, dtype=np.float64)))
+        self.tokens += len(normed)
+
+    def relative_error(self, matrix: np.ndarray) -> float:
+        """sum |Y - X W^T|^2 / sum |Y|^2 from the statistics alone (1.0 for W = 0, a plain drop)."""
+        error = self.target_energy - 2.0 * float(np.sum(self.cross.T * matrix)) + float(np.sum((matrix @ self.gram) * matrix))
+        return error / self.target_energy
+
+
+@dataclass
+class LayerChoice:
+    """What the pipeline measured for one prunable layer."""
+
+    layer: int
+    cosine: float
+    per_head: float
+    ridge: float | None = None
+    held_error: float = 1.0  # relative error of the best patch on held-out tokens (1.0: no better than a drop)
+    kld: float | None = None  # single-layer KLD on held-out tokens, the layer dropped (None: not tried)
+
+
+@dataclass
+class SelfPruneReport:
+    """The pipeline's decisions and measurements, for the JSON and the gatenorm.* metadata."""
+
+    count: int
+    layers: list[int]
+    patched: list[int]
+    calibration: dict[str, Any]
+    per_layer: list[LayerChoice]
+    shortlist: list[int]
+    vetoed: list[int]
+    kld_patched: float | None
+    kld_dropped: float
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def provenance(self) -> dict[str, str]:
+        cal = self.calibration
+        return {
+            "selection": "self-calibrated (cosine order, single-layer KLD veto)",
+            "calibration.source": str(cal["source"]),
+            "calibration.sha256": str(cal["sha256"]),
+            "calibration.tokens": str(cal["tokens"]),
+            "patched_layers": ",".join(map(str, self.patched)) or "none",
+            "held_out_kld": f"{min(self.kld_dropped, self.kld_patched or math.inf):.6f}",
+        }
+
+
+def split_sequences(n_sequences: int) -> tuple[list[int], list[int]]:
+    """(fit, held-out) sequence indices; held-out are ``HELD_OUT`` (for fewer sequences: every 4th from 2)."""
+    held = list(HELD_OUT) if n_sequences > max(HELD_OUT) else list(range(2, n_sequences, 4))
+    if not held or len(held) == n_sequences:
+        raise GatenormError(f"calibration needs at least 3 sequences to keep some apart for validation, not {n_sequences}")
+    return [i for i in range(n_sequences) if i not in held], held
+
+
+def capture_statistics(
+    probe: StreamProbe, sequences: Sequence[np.ndarray], layers: Sequence[int], held: Sequence[int], width: int,
+    tick: Ticker,
+) -> tuple[dict[int, LeastSquares], dict[int, LeastSquares], dict[int, float]]:
+    """Per layer: fit and held-out least-squares statistics, and the mean 1 - cos(x, x + attention) over all tokens."""
+    fit_stats = {layer: LeastSquares.empty(width) for layer in layers}
+    held_stats = {layer: LeastSquares.empty(width) for layer in layers}
+    turn = dict.fromkeys(layers, 0.0)
+    for index, sequence in enumerate(sequences):
+        def on_capture(
+            layer: int, x: np.ndarray, normed: np.ndarray, attention: np.ndarray,
+            stats: dict[int, LeastSquares] = held_stats if index in held else fit_stats,
+        ) -> None:
+            stats[layer].add(normed, attention)
+            moved = x + attention
+            cos = np.sum(x * moved, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(moved, axis=1))
+            turn[layer] += float(np.sum(1.0 - cos))
+
+        edits = StreamEdits(capture=frozenset(layers), on_capture=on_capture)
+        probe.run([sequence], edits, lambda _index, _logits, done=index + 1: tick(status=f"sequence {done}"))
+    total = sum(len(s) for s in sequences)
+    return fit_stats, held_stats, {layer: turn[layer] / total for layer in layers}
+
+
+def best_patch(fit: LeastSquares, held: LeastSquares) -> tuple[float, float, np.ndarray]:
+    """(ridge, held-out relative error, W) of the ridge in ``RIDGES`` with the smallest held-out error."""
+    best: tuple[float, float, np.ndarray] | None = None
+    for ridge in RIDGES:
+        matrix = ridge_solve(fit.gram, fit.cross, ridge)
+        error = held.relative_error(matrix)
+        if best is None or error < best[1]:
+            best = (ridge, error, matrix)
+    assert best is not None
+    return best
+
+
+class HeldOutDivergence:
+    """Mean KL(base || edited) over the scored positions of the held-out KLD sequences."""
+
+    def __init__(self, probe: StreamProbe, sequences: Sequence[np.ndarray]) -> None:
+        self.probe = probe
+        self.sequences = list(sequences)
+        self.base: list[np.ndarray] = []
+        probe.run(self.sequences, StreamEdits(), lambda _i, logits: self.base.append(self._log_probs(logits)))
+
+    @staticmethod
+    def _log_probs(logits: np.ndarray) -> np.ndarray:
+        rows = logits[len(logits) // 2 :]
+        out = np.empty(rows.shape, dtype=np.float32)
+        for block in row_blocks(len(rows)):
+            out[block] = log_softmax(rows[block])
+        return out
+
+    def __call__(self, edits: StreamEdits) -> float:
+        total, count = 0.0, 0
+
+        def on_logits(index: int, logits: np.ndarray) -> None:
+            nonlocal total, count
+            log_p = self.base[index]
+            log_q = self._log_probs(logits)
+            total += float(np.sum(np.exp(log_p.astype(np.float64)) * (log_p - log_q)))
+            count += len(log_p)
+
+        self.probe.run(self.sequences, edits, on_logits)
+        return total / count
+
+
+def recovered_edits(layers: Sequence[int], patches: dict[int, np.ndarray]) -> StreamEdits:
+    """Edits for ``layers`` removed, each patched where ``patches`` has it, dropped otherwise."""
+    return StreamEdits(
+        drop=frozenset(layer for layer in layers if layer not in patches),
+        patch={layer: patches[layer].astype(np.float32) for layer in layers if layer in patches},
+    )
+
+
+def load_calibration(model: LoadedModel, calib: Path | None, seq_len: int, seed: int, progress: bool) -> Calibration:
+    """Self-sampled calibration, or ``DEFAULT_SEQUENCES`` sequences cut from the text file ``calib``."""
+    if calib is None:
+        label = f"1/{STAGES} sampling calibration text"
+        return self_calibration(model, seq_len=seq_len, seed=seed, progress=progress, label=label)
+    return text_calibration(model, calib, read_text(calib), seq_len, DEFAULT_SEQUENCES)
+
+
+class SelfCalibratedPruner:
+    """Stages 1-3 once per model (calibrate, capture, fit), then ``plan(K)`` for any number of K.
+
+    Single-layer KLDs are remembered, so plans for several K share them (same results, less work).
+    """
+
+    def __init__(
+        self, model_path: Path, *, calib: Path | None = None, seq_len: int = DEFAULT_SEQ_LEN, recover: bool = True,
+        seed: int = DEFAULT_SEED, n_threads: int | None = None, progress: bool = False,
+    ) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        self.per_head = [entry.score for entry in score_model(model_path, "per-head").layers]
+        self.prunable = list(range(1, len(self.per_head)))
+        self._closing = contextlib.ExitStack()
+        self.model = self._closing.enter_context(
+            contextlib.closing(open_model(model_path, n_ctx=seq_len, n_threads=n_threads))
+        )
+        try:
+            self._prepare(calib, seq_len, recover, seed, started)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, calib: Path | None, seq_len: int, recover: bool, seed: int, started: float) -> None:
+        self.calibration = load_calibration(self.model, calib, seq_len, seed, self.progress)
+        if self.calibration.settings.get("cached", False) or calib is not None:
+            with progress_bar(f"1/{STAGES} calibration text", 1, self.progress) as tick:
+                tick(status=f"{self.calibration.tokens} tokens, {self.calibration.source}")
+        self.seconds["calibrate"] = time.perf_counter() - started
+        sequences = self.calibration.arrays()
+        _, held = split_sequences(len(sequences))
+        self.probe = self._closing.enter_context(contextlib.closing(StreamProbe(self.model, seq_len)))
+        mark = time.perf_counter()
+        with progress_bar(f"2/{STAGES} capturing attention", len(sequences), self.progress) as tick:
+            fit_stats, held_stats, turn = capture_statistics(
+                self.probe, sequences, self.prunable, held, int(self.model.n_embd()), tick
+            )
+        self.seconds["capture"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        self.choices: dict[int, LayerChoice] = {}
+        self.patches: dict[int, np.ndarray] = {}
+        with progress_bar(f"3/{STAGES} fitting patches", len(self.prunable), self.progress) as tick:
+            for layer in self.prunable:
+                ridge, error, matrix = best_patch(fit_stats.pop(layer), held_stats.pop(layer))
+                self.choices[layer] = LayerChoice(layer, turn[layer], self.per_head[layer], ridge, error)
+                if error < 1.0 and recover:
+                    self.patches[layer] = matrix
+                tick(status=f"layer {layer}: held-out error {error:.3f}")
+        self.seconds["patch"] = time.perf_counter() - mark
+        self.divergence = HeldOutDivergence(self.probe, [sequences[i] for i in held[:KLD_SEQUENCES]])
+
+    def close(self) -> None:
+        self._closing.close()
+
+    def single_kld(self, layer: int) -> float:
+        """KLD on held-out tokens with ``layer``'s attention dropped (remembered)."""
+        choice = self.choices[layer]
+        if choice.kld is None:
+            choice.kld = self.divergence(recovered_edits([layer], {}))
+        return choice.kld
+
+    def plan(self, count: int, *, fixed: Sequence[int] | None = None) -> tuple[SelfPruneReport, dict[int, np.ndarray]]:
+        """Stages 4-5 for ``count`` layers: the report and the patches to write (layer -> W).
+
+        The first ``count + SHORTLIST_EXTRA`` layers of the cosine order are tried alone (dropped); a layer
+        whose KLD exceeds ``VETO_FACTOR`` times their median is vetoed, and the walk goes on down the order
+        until ``count`` layers pass. ``fixed`` layers (chosen elsewhere) skip the choice and are only patched.
+        """
+        n_layers = len(self.per_head)
+        if not 1 <= count <= n_layers - 2:
+            raise GatenormError(f"--count must be between 1 and {n_layers - 2} for a {n_layers}-layer model, not {count}")
+        seconds = dict(self.seconds)
+        mark = time.perf_counter()
+        order = sorted(self.prunable, key=lambda i: (self.choices[i].cosine, i))
+        vetoed: list[int] = []
+        if fixed is not None:
+            shortlist = chosen = sorted(int(layer) for layer in fixed)
+        else:
+            shortlist = order[: count + SHORTLIST_EXTRA]
+            with progress_bar(f"4/{STAGES} single-layer KLD veto", len(shortlist), self.progress) as tick:
+                for layer in shortlist:
+                    tick(status=f"layer {layer}: {self.single_kld(layer):.4f}")
+                limit = VETO_FACTOR * float(np.median([self.single_kld(layer) for layer in shortlist]))
+                chosen = []
+                for layer in order:
+                    if len(chosen) == count:
+                        break
+                    (chosen if self.single_kld(layer) <= limit else vetoed).append(layer)
+                chosen += sorted(vetoed, key=self.single_kld)[: count - len(chosen)]  # only if too few passed
+                chosen = sorted(chosen)
+        seconds["choose"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        kept = {layer: self.patches[layer] for layer in chosen if layer in self.patches}
+        with progress_bar(f"5/{STAGES} guard: patches vs drop", 2 if kept else 1, self.progress) as tick:
+            kld_dropped = self.divergence(recovered_edits(chosen, {}))
+            tick(status=f"drop {kld_dropped:.4f}")
+            kld_patched = None
+            if kept:
+                kld_patched = self.divergence(recovered_edits(chosen, kept))
+                tick(status=f"patched {kld_patched:.4f}")
+                if kld_patched >= kld_dropped:
+                    kept = {}
+        seconds["guard"] = time.perf_counter() - mark
+        seconds["total"] = sum(seconds.values())
+        report = SelfPruneReport(
+            count=count,
+            layers=chosen,
+            patched=sorted(kept),
+            calibration=self.calibration.provenance(),
+            per_layer=[self.choices[layer] for layer in self.prunable],
+            shortlist=shortlist,
+            vetoed=vetoed,
+            kld_patched=kld_patched,
+            kld_dropped=kld_dropped,
+            seconds=seconds,
+        )
+        return report, kept
+
+
+def write_plan(
+    src: Path, dst: Path, report: SelfPruneReport, patches: dict[int, np.ndarray], *, force: bool, progress: bool
+) -> PruneResult:
+    """Write the planned file: the report's layers removed, ``patches`` as deci linear attention."""
+    started = time.perf_counter()
+    result = prune_gguf(
+        src, dst, report.layers, force=force, provenance=report.provenance(), progress=progress,
+        linear_maps=patches.__getitem__ if patches else None, linear=sorted(patches),
+    )
+    report.seconds["write"] = time.perf_counter() - started
+    report.seconds["total"] += report.seconds["write"]
+    return result
+
+
+def self_prune(
+    src: Path,
+    dst: Path,
+    count: int,
+    *,
+    calib: Path | None = None,
+    fixed: Sequence[int] | None = None,
+    recover: bool = True,
+    seed: int = DEFAULT_SEED,
+    force: bool = False,
+    n_threads: int | None = None,
+    progress: bool = False,
+) -> tuple[PruneResult, SelfPruneReport]:
+    """The whole pipeline for one K: plan, then write ``dst``; the output path is checked before any work."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise GatenormError(f"{src}: no such file")
+    check_output_path(src, dst, force)
+    plan_rewrite(src, [1], {})  # refuses an architecture that cannot be pruned before any sampling
+    with contextlib.closing(
+        SelfCalibratedPruner(src, calib=calib, recover=recover, seed=seed, n_threads=n_threads, progress=progress)
+    ) as pruner:
+        report, patches = pruner.plan(count, fixed=fixed)
+    return write_plan(src, dst, report, patches, force=force, progress=progress), report

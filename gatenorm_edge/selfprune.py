@@ -44,6 +44,7 @@ from .harness.text import read_text
 from .recovery import ridge_solve
 from .rewrite import PruneResult, check_output_path, plan_rewrite, prune_gguf
 from .scoring import score_model
+from .sources.gguf_file import GGUFFile
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 HELD_OUT = (2, 6, 9, 13)  # sequence indices kept for validation: other start texts than the fit part
@@ -51,6 +52,7 @@ KLD_SEQUENCES = 2  # held-out sequences scored for KLD, in full; their second ha
 SHORTLIST_EXTRA = 3
 VETO_FACTOR = 3.0
 STAGES = 5
+SELF_CALIBRATED_ARCHS = ("llama", "qwen2")  # whose llama.cpp graphs name attn_norm-L, ffn_inp-L and l_out-L
 
 
 @dataclass
@@ -118,6 +120,12 @@ class SelfPruneReport:
             "patched_layers": ",".join(map(str, self.patched)) or "none",
             "held_out_kld": f"{min(self.kld_dropped, self.kld_patched or math.inf):.6f}",
         }
+
+
+def check_count(count: int, n_layers: int) -> None:
+    """K must leave layer 0 and one more layer with attention (llama.cpp needs both)."""
+    if not 1 <= count <= n_layers - 2:
+        raise GatenormError(f"--count must be between 1 and {n_layers - 2} for a {n_layers}-layer model, not {count}")
 
 
 def split_sequences(n_sequences: int) -> tuple[list[int], list[int]]:
@@ -281,9 +289,7 @@ class SelfCalibratedPruner:
         whose KLD exceeds ``VETO_FACTOR`` times their median is vetoed, and the walk goes on down the order
         until ``count`` layers pass. ``fixed`` layers (chosen elsewhere) skip the choice and are only patched.
         """
-        n_layers = len(self.per_head)
-        if not 1 <= count <= n_layers - 2:
-            raise GatenormError(f"--count must be between 1 and {n_layers - 2} for a {n_layers}-layer model, not {count}")
+        check_count(count, len(self.per_head))
         seconds = dict(self.seconds)
         mark = time.perf_counter()
         order = sorted(self.prunable, key=lambda i: (self.choices[i].cosine, i))
@@ -365,6 +371,13 @@ def self_prune(
         raise GatenormError(f"{src}: no such file")
     check_output_path(src, dst, force)
     plan_rewrite(src, [1], {})  # refuses an architecture that cannot be pruned before any sampling
+    gguf = GGUFFile(src)
+    if gguf.architecture not in SELF_CALIBRATED_ARCHS:
+        raise GatenormError(
+            f"{src}: the data-free default works on {' and '.join(SELF_CALIBRATED_ARCHS)} files, not "
+            f"{gguf.architecture}; choose layers with --layers or --criterion per-head"
+        )
+    check_count(count, int(gguf.arch_value("block_count")))
     with contextlib.closing(
         SelfCalibratedPruner(src, calib=calib, recover=recover, seed=seed, n_threads=n_threads, progress=progress)
     ) as pruner:

@@ -210,9 +210,9 @@ def degenerate_copy(stories260k: Path, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["not-utf8", "too-short", "degenerate", "self-with-linear"])
+@pytest.mark.parametrize("case", ["not-utf8", "too-short", "degenerate", "self-with-linear", "too-many", "deci"])
 def test_bad_calibration_input_is_one_line(stories260k: Path, tmp_path: Path, case: str) -> None:
-    out, model, extra = tmp_path / "out.gguf", stories260k, []
+    out, model, extra, count = tmp_path / "out.gguf", stories260k, [], "2"
     if case == "not-utf8":
         bad = tmp_path / "bad.txt"
         bad.write_bytes(b"some text \xff\xfe more")
@@ -223,9 +223,15 @@ def test_bad_calibration_input_is_one_line(stories260k: Path, tmp_path: Path, ca
         extra, message = ["--calib", str(short)], "give a longer text"
     elif case == "degenerate":
         model, message = degenerate_copy(stories260k, tmp_path / "eos.gguf"), "degenerate"
+    elif case == "too-many":
+        count, message = "4", "--count must be between 1 and 3"
+    elif case == "deci":
+        model = tmp_path / "pruned.gguf"
+        prune_gguf(stories260k, model, [2])
+        message = "not deci; choose layers with --layers or --criterion per-head"
     else:
         extra, message = ["--mode", "linear", "--calib", str(stories260k)], "--criterion self goes with --mode auto or drop"
-    result = run_cli("prune", model, out, "--count", "2", *extra)
+    result = run_cli("prune", model, out, "--count", count, *extra)
     assert_one_line_error(result, message)
     assert result.returncode == 2
     assert not out.exists()

@@ -27,7 +27,7 @@ from .harness.compare import compare
 from .harness.model import open_model
 from .harness.perplexity import count_chunks
 from .harness.speed import BenchSettings
-from .harness.text import sample_text
+from .harness.selfcal import sampled_text
 from .report import compare_markdown, fa_label, save_score_plot, write_json, write_markdown
 from .scoring import score_model
 from .selfprune import self_prune
@@ -117,7 +117,7 @@ def evaluation_text(settings: DemoSettings, base: Path) -> tuple[Path, str]:
     n_tokens = (settings.chunks + 1) * settings.ctx
     n_tokens = max(n_tokens, 2 * settings.ctx) + settings.ctx // 4
     with contextlib.closing(open_model(base, n_ctx=settings.ctx, n_threads=settings.threads)) as model:
-        text = sample_text(model, n_tokens, seed=SAMPLE_SEED, segment=settings.ctx - 1)
+        text = sampled_text(model, n_tokens, seed=SAMPLE_SEED, segment=settings.ctx)
         count_chunks(len(model.tokenize_text(text)), settings.ctx, settings.chunks)
     path = settings.out / "sampled_text.txt"
     write_text_atomic(path, text + "\n")

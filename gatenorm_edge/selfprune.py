@@ -17,7 +17,8 @@ stream during a decode, so no candidate file is ever written):
    whose KLD exceeds ``VETO_FACTOR`` times the shortlist's median is vetoed (a critical layer: the study's
    finding). The first K that pass are removed.
 5. **guard**: the K layers together, patched as chosen, against all of them dropped, on the same held-out
-   tokens: the patches stay only if they beat the plain drop there. Then the file is written.
+   tokens: the patches stay only if they beat the plain drop there. The same is done for per-head
+   Gate-Norm's K layers (the old default), and the set with the lower held-out KLD is written.
 
 Measured against the alternatives in docs/study.md ("The data-free default").
 """
@@ -25,7 +26,6 @@ Measured against the alternatives in docs/study.md ("The data-free default").
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -93,6 +93,18 @@ class LayerChoice:
 
 
 @dataclass
+class Candidate:
+    """One layer set the guard weighed: its KLDs on held-out tokens, all dropped and as patched."""
+
+    name: str
+    layers: list[int]
+    patched: list[int]
+    kld_dropped: float
+    kld_patched: float | None
+    kld: float  # of the form kept (patched only where that beat dropping all)
+
+
+@dataclass
 class SelfPruneReport:
     """The pipeline's decisions and measurements, for the JSON and the gatenorm.* metadata."""
 
@@ -103,8 +115,8 @@ class SelfPruneReport:
     per_layer: list[LayerChoice]
     shortlist: list[int]
     vetoed: list[int]
-    kld_patched: float | None
-    kld_dropped: float
+    candidates: list[Candidate]
+    picked: str
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,7 +130,8 @@ class SelfPruneReport:
             "calibration.sha256": str(cal["sha256"]),
             "calibration.tokens": str(cal["tokens"]),
             "patched_layers": ",".join(map(str, self.patched)) or "none",
-            "held_out_kld": f"{min(self.kld_dropped, self.kld_patched or math.inf):.6f}",
+            "picked": self.picked,
+            "held_out_kld": f"{min(c.kld for c in self.candidates):.6f}",
         }
 
 
@@ -311,31 +324,40 @@ class SelfCalibratedPruner:
                 chosen = sorted(chosen)
         seconds["choose"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        kept = {layer: self.patches[layer] for layer in chosen if layer in self.patches}
-        with progress_bar(f"5/{STAGES} guard: patches vs drop", 2 if kept else 1, self.progress) as tick:
-            kld_dropped = self.divergence(recovered_edits(chosen, {}))
-            tick(status=f"drop {kld_dropped:.4f}")
-            kld_patched = None
-            if kept:
-                kld_patched = self.divergence(recovered_edits(chosen, kept))
-                tick(status=f"patched {kld_patched:.4f}")
-                if kld_patched >= kld_dropped:
-                    kept = {}
+        candidates = {"self-calibrated": chosen}
+        gate_norm = sorted(sorted(self.prunable, key=lambda i: (self.per_head[i], i))[:count])
+        if fixed is None and gate_norm != chosen:
+            candidates["per-head Gate-Norm"] = gate_norm
+        outcomes: list[Candidate] = []
+        with progress_bar(f"5/{STAGES} guard: patches vs drop", 2 * len(candidates), self.progress) as tick:
+            for name, layers in candidates.items():
+                outcomes.append(self.recover(name, layers))
+                tick(2, status=f"{name}: KLD {outcomes[-1].kld:.4f}")
+        best = min(outcomes, key=lambda outcome: outcome.kld)
         seconds["guard"] = time.perf_counter() - mark
         seconds["total"] = sum(seconds.values())
         report = SelfPruneReport(
             count=count,
-            layers=chosen,
-            patched=sorted(kept),
+            layers=best.layers,
+            patched=best.patched,
             calibration=self.calibration.provenance(),
             per_layer=[self.choices[layer] for layer in self.prunable],
             shortlist=shortlist,
             vetoed=vetoed,
-            kld_patched=kld_patched,
-            kld_dropped=kld_dropped,
+            candidates=outcomes,
+            picked=best.name,
             seconds=seconds,
         )
-        return report, kept
+        return report, {layer: self.patches[layer] for layer in best.patched}
+
+    def recover(self, name: str, layers: list[int]) -> Candidate:
+        """``layers`` removed: patched where a validated patch exists, unless all dropped does better held out."""
+        patched = [layer for layer in layers if layer in self.patches]
+        kld_dropped = self.divergence(recovered_edits(layers, {}))
+        kld_patched = self.divergence(recovered_edits(layers, self.patches)) if patched else None
+        if kld_patched is None or kld_patched >= kld_dropped:
+            return Candidate(name, layers, [], kld_dropped, kld_patched, kld_dropped)
+        return Candidate(name, layers, patched, kld_dropped, kld_patched, kld_patched)
 
 
 def write_plan(

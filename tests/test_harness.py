@@ -16,7 +16,7 @@ from gatenorm_edge.harness.kld import kl_divergence
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.perplexity import perplexity
 from gatenorm_edge.harness.speed import BenchSettings, bench
-from gatenorm_edge.harness.text import sample_text
+from gatenorm_edge.harness.selfcal import sampled_text
 from gatenorm_edge.rewrite import prune_gguf
 
 SMOLLM2_PRUNED_LAYERS = [26, 27, 28, 29]  # any attention-free layers will do for these checks
@@ -170,9 +170,9 @@ def test_bench_contract_on_stories260k(stories260k: Path, stories_pruned: Path) 
 def test_sampled_text_is_reproducible(stories260k: Path) -> None:
     model = open_model(stories260k, n_ctx=128)
     try:
-        first = sample_text(model, 80, seed=7, segment=50)
-        second = sample_text(model, 80, seed=7, segment=50)
-        other = sample_text(model, 80, seed=8, segment=50)
+        first = sampled_text(model, 80, seed=7, segment=50)
+        second = sampled_text(model, 80, seed=7, segment=50)
+        other = sampled_text(model, 80, seed=8, segment=50)
         assert first == second != other
         assert len(model.tokenize_text(first)) >= 80
     finally:

@@ -128,18 +128,23 @@ def test_a_patch_that_hurts_held_out_text_is_not_kept() -> None:
 
 @pytest.mark.slow
 def test_guard_drops_patches_that_hurt(stories260k: Path) -> None:
-    """Patches made harmful on purpose lose to the plain drop on held-out tokens, so none is written."""
+    """Patches made harmful on purpose lose to the plain drop on held-out tokens, so none is written; and
+    of the candidate sets (self-calibrated, per-head Gate-Norm) the one with the lowest held-out KLD wins."""
     with contextlib.closing(SelfCalibratedPruner(stories260k, n_threads=1)) as pruner:
         report, kept = pruner.plan(2)
         for layer in report.patched:
             assert pruner.choices[layer].held_error < 1.0
-        if report.patched:
-            assert report.kld_patched < report.kld_dropped
+        picked = next(c for c in report.candidates if c.name == report.picked)
+        assert picked.kld == min(c.kld for c in report.candidates)
+        assert (picked.layers, picked.patched, sorted(kept)) == (report.layers, report.patched, report.patched)
+        if picked.patched:
+            assert picked.kld_patched < picked.kld_dropped
         pruner.patches = {layer: -5.0 * matrix for layer, matrix in pruner.patches.items()}
-        for layer in report.layers:
+        for layer in pruner.prunable:
             pruner.patches.setdefault(layer, np.eye(64) * 5.0)
         harmful, kept = pruner.plan(2)
-    assert harmful.kld_patched > harmful.kld_dropped
+    for candidate in harmful.candidates:
+        assert candidate.kld_patched > candidate.kld_dropped and candidate.patched == []
     assert harmful.patched == [] and kept == {}
 
 
@@ -177,7 +182,7 @@ def test_default_prune_on_smollm2(smollm2: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     selfprune = json.loads(report.read_text())["selfprune"]
     assert 1 not in selfprune["layers"]  # the model's critical layer (docs/study.md) is never taken
-    assert selfprune["kld_dropped"] > 0
+    assert min(c["kld"] for c in selfprune["candidates"]) > 0
     with contextlib.closing(open_model(out, n_ctx=64)) as model:
         assert np.isfinite(model.logits(model.tokenize_text("The cat sat on the mat."))).all()
 

@@ -168,6 +168,7 @@ def prune(
         details = {"selfprune": report.to_dict()}
         summary = [("calibration", f"{report.calibration['tokens']} tokens, {report.calibration['source']}"),
                    ("vetoed (critical) layers", ", ".join(map(str, report.vetoed)) or "none"),
+                   ("picked (lowest held-out KLD)", report.picked),
                    ("seconds (whole pipeline)", f"{report.seconds['total']:.1f}")]
     else:
         result, recovery = prune_with_recovery(

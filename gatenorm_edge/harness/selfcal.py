@@ -86,11 +86,15 @@ def _token_digest(sequences: tuple[tuple[int, ...], ...]) -> str:
     return digest.hexdigest()
 
 
-def _sampler_tables(model: LoadedModel) -> tuple[np.ndarray, list[int]]:
-    """Which tokens end generation, and the tokens every sequence starts with (BOS where the vocab adds one)."""
+def _sampler_tables(model: LoadedModel) -> tuple[np.ndarray, list[int], int]:
+    """Which tokens end generation, the tokens every sequence starts with (BOS where the vocab adds one),
+    and the token an empty start text begins from (BOS, else end-of-text, as a document boundary)."""
     vocab = llama_cpp.llama_model_get_vocab(model.model)
     end = np.array([bool(llama_cpp.llama_vocab_is_eog(vocab, t)) for t in range(model.vocab_size)])
-    return end, ([model.bos_token] if model.bos_token is not None else [])
+    boundary = int(llama_cpp.llama_vocab_bos(vocab))
+    if boundary < 0:
+        boundary = int(llama_cpp.llama_vocab_eos(vocab))
+    return end, ([model.bos_token] if model.bos_token is not None else []), boundary
 
 
 def _sample_rows(
@@ -166,8 +170,9 @@ def sample_sequences(
     label: str = "sampling calibration text",
 ) -> tuple[tuple[int, ...], ...]:
     """One sequence of ``seq_len`` tokens per start text: BOS (if any), the start's tokens, then samples."""
-    end, lead = _sampler_tables(model)
+    end, lead, boundary = _sampler_tables(model)
     prompts = [lead + model.tokenize(start.encode("utf-8"), add_bos=False, special=False) for start in starts]
+    prompts = [prompt or [boundary] for prompt in prompts]
     if max(len(p) for p in prompts) >= seq_len:
         raise GatenormError(f"calibration sequences of {seq_len} tokens are shorter than their start texts")
     rng = np.random.default_rng(seed)
@@ -267,3 +272,11 @@ def text_calibration(model: LoadedModel, path: Path, text: str, seq_len: int, n_
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return Calibration(str(path), digest, sequences, {"seq_len": seq_len})
 
+
+
+def sampled_text(model: LoadedModel, n_tokens: int, *, seed: int, segment: int) -> str:
+    """At least ``n_tokens`` tokens of text sampled from the model, from the beginning of text, in segments
+    of ``segment`` tokens joined by blank lines (the demo's evaluation text when no other is at hand)."""
+    n_segments = -(-n_tokens // (segment - 1))
+    sequences = sample_sequences(model, ("",) * n_segments, segment, seed)
+    return "\n\n".join(model.detokenize(list(s[1:])).decode("utf-8", "replace").strip() for s in sequences)

@@ -157,18 +157,20 @@ def capture_statistics(
     fit_stats = {layer: LeastSquares.empty(width) for layer in layers}
     held_stats = {layer: LeastSquares.empty(width) for layer in layers}
     turn = dict.fromkeys(layers, 0.0)
+    captured: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+    edits = StreamEdits(capture=frozenset(layers), on_capture=lambda *arrays: captured.append(arrays))
     for index, sequence in enumerate(sequences):
-        def on_capture(
-            layer: int, x: np.ndarray, normed: np.ndarray, attention: np.ndarray,
-            stats: dict[int, LeastSquares] = held_stats if index in held else fit_stats,
-        ) -> None:
+        # The arithmetic waits until llama.cpp has finished the decode: inside its callback, NumPy would
+        # compete with llama.cpp's own threads for the cores.
+        probe.run([sequence], edits, lambda _index, _logits: None)
+        stats = held_stats if index in held else fit_stats
+        for layer, x, normed, attention in captured:
             stats[layer].add(normed, attention)
             moved = x + attention
             cos = np.sum(x * moved, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(moved, axis=1))
             turn[layer] += float(np.sum(1.0 - cos))
-
-        edits = StreamEdits(capture=frozenset(layers), on_capture=on_capture)
-        probe.run([sequence], edits, lambda _index, _logits, done=index + 1: tick(status=f"sequence {done}"))
+        captured.clear()
+        tick(status=f"sequence {index + 1}")
     total = sum(len(s) for s in sequences)
     return fit_stats, held_stats, {layer: turn[layer] / total for layer in layers}
 

@@ -117,7 +117,6 @@ def summary(size: int, times: dict[str, list[float]]) -> dict[str, float]:
         "throughput_ratio_vs_cp": cp / prune,
         "throughput_ratio_vs_cp_then_sync": cp_sync / prune,
         "ratio_bound_by_sha256": cp / sha,
-        "meets_target_vs_cp": cp / prune >= TARGET_RATIO,
         "peak_rss_mb": max(times["rss"]) / 1e6,
     }
 
@@ -134,13 +133,17 @@ def run() -> dict:
         warm_times = interleaved_rounds(source, Path(tmp), lambda path: None)
         cold_times = interleaved_rounds(source, Path(tmp), evict)
     warm(source)
+    warm_summary, cold_summary = summary(size, warm_times), summary(size, cold_times)
     return {
         "model": source.name,
         "bytes": size,
         "rounds": ROUNDS,
-        "warm": summary(size, warm_times),
-        "cold": summary(size, cold_times),
+        "warm": warm_summary,
+        "cold": cold_summary,
         "target_ratio": TARGET_RATIO,
+        "targets": "warm: >= 0.8x cp + sync (the same durability); cold: >= 0.8x cp",
+        "meets_warm_target": warm_summary["throughput_ratio_vs_cp_then_sync"] >= TARGET_RATIO,
+        "meets_cold_target": cold_summary["throughput_ratio_vs_cp"] >= TARGET_RATIO,
         "target_rss_mb": TARGET_RSS_MB,
         "meets_rss_target": max(warm_times["rss"] + cold_times["rss"]) / 1e6 <= TARGET_RSS_MB,
         "note": (

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("score", "rewrite", "speed", "zeroshot", "recovery")
+BENCHMARKS = ("score", "rewrite", "speed", "zeroshot", "recovery", "fuzz")
 OUT = Path(__file__).resolve().parent / "out"
 
 

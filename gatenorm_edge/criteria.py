@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GatenormError
+from .fileio import work_folder
 from .harness.model import open_model
 from .harness.perplexity import NllStats, chunk_logits, count_chunks, token_nll
 from .harness.text import read_text
@@ -299,7 +299,7 @@ def rank_layers(
         )
     with contextlib.ExitStack() as stack:
         if evaluate is None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gatenorm-calibration-")))
+            workdir = stack.enter_context(work_folder("calibration"))
             evaluate = PrunedPerplexity(model, calibration, workdir, n_threads)
         return _ppl_criterion(model, criterion, evaluate, n_layers, steps, started)
 

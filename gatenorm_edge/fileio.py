@@ -6,8 +6,12 @@ import contextlib
 import hashlib
 import mmap
 import os
+import shutil
 import tempfile
+import threading
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from collections.abc import Iterator
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,16 +25,66 @@ def _umask() -> int:
     return mask
 
 
+PARTIAL_TAG = "gatenorm-partial"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale(folder: Path, prefix: str) -> list[Path]:
+    """Remove what killed runs left in ``folder`` under ``prefix`` + ``PID-``: files or folders.
+
+    Everything temporary is named with its writer's process id, so a leftover whose process is gone
+    (SIGKILL, power loss) is known to be stale; a live process's (a concurrent run's) is left alone.
+    """
+    removed = []
+    for candidate in Path(folder).glob(f"{glob_escape(prefix)}*"):
+        pid_text = candidate.name[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    candidate.unlink()
+            removed.append(candidate)
+    return removed
+
+
+@contextlib.contextmanager
+def work_folder(kind: str, parent: Path | None = None) -> Iterator[Path]:
+    """A private temporary folder ``gatenorm-KIND-PID-XXXX`` (in ``parent`` or the system's temp folder),
+    removed on the way out; folders that killed runs left behind are removed on the way in."""
+    parent = Path(parent or tempfile.gettempdir())
+    prefix = f"gatenorm-{kind}-"
+    remove_stale(parent, prefix)
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-", dir=parent) as folder:
+        yield Path(folder)
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, force: bool = True) -> Iterator[BinaryIO]:
-    """Yield a binary file that becomes ``path`` only if the block finishes without error."""
+    """Yield a binary file that becomes ``path`` only if the block finishes without error.
+
+    The bytes go to a temporary beside ``path`` (named for it and for this process), are fsynced and
+    renamed over ``path``: readers and concurrent writers only ever see a whole file. A temporary left
+    by a killed writer is removed by the next write to the same path.
+    """
     path = Path(path)
     if path.exists() and not force:
         from .errors import GatenormError
 
         raise GatenormError(f"{path} exists; pass --force to overwrite it")
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    prefix = f".{path.name}.{PARTIAL_TAG}-"
+    remove_stale(folder, prefix)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=folder)
     os.fchmod(fd, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -72,14 +126,38 @@ def map_region(path: Path, offset: int, nbytes: int) -> np.ndarray | None:
     return np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=offset - start)
 
 
-def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
+def file_sha256(path: Path, chunk: int = 8 << 20, stop: threading.Event | None = None) -> str:
     """SHA-256 of a file, hashed from memory-mapped windows of ``chunk`` bytes (no read copies; only one
-    window is mapped at a time, so resident memory stays bounded whatever the file size)."""
+    window is mapped at a time, so resident memory stays bounded whatever the file size). ``stop``, when
+    set, abandons the hash at the next window (``CancelledError``)."""
     digest = hashlib.sha256()
     size = Path(path).stat().st_size
     for start in range(0, size, chunk):
+        if stop is not None and stop.is_set():
+            raise CancelledError
         window = map_region(path, start, min(chunk, size - start))
         if window is None:
             raise OSError(f"{path} shrank while being hashed")
         digest.update(window)
     return digest.hexdigest()
+
+
+class BackgroundSha256:
+    """A file's SHA-256 computed in a second thread while the caller works (hashlib releases the GIL
+    on large buffers, so on two cores it costs no wall time); abandoned if the caller's block fails."""
+
+    def __init__(self, path: Path) -> None:
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._future = self._pool.submit(file_sha256, path, stop=self._stop)
+
+    def result(self) -> str:
+        return self._future.result()
+
+    def __enter__(self) -> BackgroundSha256:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None:
+            self._stop.set()
+        self._pool.shutdown(wait=True)

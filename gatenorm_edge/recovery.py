@@ -20,7 +20,6 @@ so it is left out (as ``drop`` leaves out the whole sublayer).
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GatenormError
+from .fileio import work_folder
 from .harness.model import open_model
 from .harness.perplexity import count_chunks, perplexity
 from .harness.progress import progress_bar
@@ -193,10 +193,10 @@ def search_alpha(
     """The alpha in ``ALPHA_GRID`` with the lowest fold-vo perplexity on ``text`` (ctx 256, 4 chunks)."""
     check_search_text(src, text)
     results: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(dir=dst_dir, prefix=".alpha-search-") as work:
+    with work_folder("alpha-search", parent=dst_dir) as work:
         with progress_bar("alpha search", len(ALPHA_GRID), progress) as tick:
             for alpha in ALPHA_GRID:
-                candidate = Path(work) / f"alpha{alpha}.gguf"
+                candidate = work / f"alpha{alpha}.gguf"
                 prune_gguf(src, candidate, layers, linear_maps=fold_vo_maps(src, alpha))
                 results[str(alpha)] = perplexity(candidate, text, ctx=ALPHA_SEARCH_CTX, chunks=ALPHA_SEARCH_CHUNKS).ppl
                 candidate.unlink()

@@ -25,7 +25,6 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,9 @@ from gguf.quants import QuantError, quantize
 
 from . import __version__
 from .errors import GatenormError
-from .fileio import atomic_output, file_sha256
+from .fileio import BackgroundSha256, atomic_output
 from .gguf_layout import GGUF_MAGIC, GGUFLayout, TensorSpan, head_counts
+from .sources.architectures import refuse_mixture_of_experts
 from .sources.rope_layout import hf_to_gguf_rows
 
 TARGET_ARCH = "deci"
@@ -367,8 +367,7 @@ def _plan(model: GGUFLayout, layers: Sequence[int], provenance: dict[str, str] |
     architecture = model.architecture
     check_architecture(architecture)
     n_layers = _block_count(model)
-    if int(model.arch_value("expert_count", 0) or 0) > 0:
-        raise GatenormError(f"cannot prune {src}: mixture-of-experts FFN layers have no deci form")
+    refuse_mixture_of_experts(model.arch_value("expert_count", 0), str(src))
     _check_tensor_names(model, n_layers)
 
     head_count, head_count_kv = head_counts(model, n_layers)
@@ -552,30 +551,10 @@ def prune_gguf(
     check_output_path(src, dst, force)
     if linear_maps is None:
         linear = ()
-    plan = plan_rewrite(src, layers, provenance, linear=layers if linear is None else linear)
-    _check_free_space(dst, plan.output_bytes)
-
-    bar = _progress_bar(progress, plan.output_bytes, f"writing {dst.name}")
-    with ThreadPoolExecutor(max_workers=1) as pool, bar as advance:
-        sha256 = pool.submit(file_sha256, src)
-        with atomic_output(dst, force=force) as handle, open(src, "rb", buffering=0) as source:
-            out_fd, src_fd = handle.fileno(), source.fileno()
-            data_start = _align(len(plan.header), plan.alignment)
-            _write_all(out_fd, plan.header + bytes(data_start - len(plan.header)))
-            advance(data_start)
-            for copy in plan.tensors:
-                padding = data_start + copy.out_offset - os.lseek(out_fd, 0, os.SEEK_CUR)
-                _write_all(out_fd, bytes(padding))
-                if copy.linear_layer is not None:
-                    _write_linear(out_fd, copy, linear_maps)
-                    advance(copy.info.n_bytes)
-                elif copy.rope_heads is None:
-                    _copy_range(src_fd, out_fd, copy.info.data_offset, copy.info.n_bytes, advance)
-                else:
-                    _write_reordered(src_fd, out_fd, copy)
-                    advance(copy.info.n_bytes)
-                advance(padding)
-            os.pwrite(out_fd, sha256.result().encode("ascii"), plan.sha256_offset)
+    with BackgroundSha256(src) as sha256:  # hashed while the header is planned and the data copied
+        plan = plan_rewrite(src, layers, provenance, linear=layers if linear is None else linear)
+        _check_free_space(dst, plan.output_bytes)
+        _write(src, dst, plan, sha256, force, progress, linear_maps)
     return PruneResult(
         source=str(src),
         output=str(dst),
@@ -595,6 +574,33 @@ def prune_gguf(
     )
 
 
+def _write(
+    src: Path, dst: Path, plan: _Plan, sha256: BackgroundSha256, force: bool, progress: bool,
+    linear_maps: LinearMaps | None,
+) -> None:
+    """Stream ``plan`` into ``dst`` atomically: header, copied or rewritten tensors, then the source hash."""
+    bar = _progress_bar(progress, plan.output_bytes, f"writing {dst.name}")
+    with bar as advance, atomic_output(dst, force=force) as handle, open(src, "rb", buffering=0) as source:
+        out_fd, src_fd = handle.fileno(), source.fileno()
+        data_start = _align(len(plan.header), plan.alignment)
+        _write_all(out_fd, plan.header + bytes(data_start - len(plan.header)))
+        advance(data_start)
+        for copy in plan.tensors:
+            padding = data_start + copy.out_offset - os.lseek(out_fd, 0, os.SEEK_CUR)
+            _write_all(out_fd, bytes(padding))
+            if copy.linear_layer is not None:
+                _write_linear(out_fd, copy, linear_maps)
+                advance(copy.info.n_bytes)
+            elif copy.rope_heads is None:
+                _copy_range(src_fd, out_fd, copy.info.data_offset, copy.info.n_bytes, advance)
+            else:
+                _write_reordered(src_fd, out_fd, copy)
+                advance(copy.info.n_bytes)
+            advance(padding)
+        os.fdatasync(out_fd)  # the data reaches the disk while the hash finishes; the final fsync is then small
+        os.pwrite(out_fd, sha256.result().encode("ascii"), plan.sha256_offset)
+
+
 class _NoProgress:
     def __enter__(self) -> Callable[[int], None]:
         return lambda _n: None
@@ -608,7 +614,12 @@ class _BytesProgress:
 
     def __init__(self, total: int, description: str) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TransferSpeedColumn,
+        )
 
         self._progress = Progress(
             "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,16 +23,9 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from .criteria import (
-    CRITERIA,
-    DATA_DRIVEN,
-    CriterionResult,
-    PrunedPerplexity,
-    TextChunks,
-    rank_layers,
-    spearman_vs,
-)
+from .criteria import CRITERIA, DATA_DRIVEN, CriterionResult, PrunedPerplexity, TextChunks, rank_layers, spearman_vs
 from .errors import GatenormError
+from .fileio import work_folder
 from .harness.kld import DivergenceTotals, stderr_of_mean, token_divergence
 from .harness.model import open_model
 from .harness.perplexity import NllStats, chunk_logits, token_nll
@@ -185,8 +177,7 @@ def run_study(
     console = Console(stderr=True, quiet=not progress)
     same_text = calib_text is None or Path(calib_text).resolve() == Path(text).resolve()
     first_eval_chunk = math.ceil(calib_chunks * calib_ctx / ctx) if same_text else 0
-    with tempfile.TemporaryDirectory(prefix="gatenorm-study-") as folder:
-        workdir = Path(folder)
+    with work_folder("study") as workdir:
         evaluation = TextChunks.from_text(model, text, ctx, chunks, first_eval_chunk)
         calibration = None
         if any(name in DATA_DRIVEN for name in criteria):

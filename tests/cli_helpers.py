@@ -25,8 +25,8 @@ def run_cli(*args: str | Path, cwd: Path = ROOT, prelude: str = "") -> subproces
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    """Exit status != 0 and exactly one stderr line ``error: ...`` containing every fragment; returns it."""
-    assert result.returncode != 0, result.stdout
+    """Exit status 2 and exactly one stderr line ``error: ...`` containing every fragment; returns it."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

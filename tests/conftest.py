@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bz2
+import json
 import os
 from pathlib import Path
 
@@ -41,6 +43,11 @@ def wikitext(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tinystories(shared_dir: Path) -> Path:
+    return _require(shared_dir / "data" / "tinystories" / "tinystories_val_subset.txt", "TinyStories from ../shared")
+
+
+@pytest.fixture(scope="session")
 def qwen05() -> Path:
     return _require(
         MODELS_DIR / "qwen2.5-coder-0.5b-instruct-q4.gguf",
@@ -54,3 +61,36 @@ def gemma3() -> Path:
         MODELS_DIR / "gemma-3-270m-q4_k_m.gguf",
         "run ../shared/fetch-models.sh $GATENORM_MODELS gemma3 (CI does)",
     )
+
+
+def write_lines(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+@pytest.fixture()
+def tiny_data(tmp_path: Path) -> Path:
+    """A data folder in ../shared/data's layout with a few hand-written examples per format."""
+    data = tmp_path / "data"
+    foundry = data / "llm-foundry"
+    qa = [{"query": f"Question: What is {n}+{n}?", "choices": [str(2 * n), str(2 * n + 1)], "gold": 0} for n in range(5)]
+    for name in ("arc_easy", "arc_challenge"):
+        write_lines(foundry / f"{name}.jsonl", qa)
+    write_lines(foundry / "piqa.jsonl", [{"query": "Question: open a jar\n", "choices": ["twist the lid", "eat it"], "gold": 0}])
+    write_lines(foundry / "openbook_qa.jsonl", [{"query": "The sun is a", "choices": ["star", "moon"], "gold": 0}])
+    write_lines(foundry / "boolq.jsonl", [{"query": "Passage: Cats purr.\nQuestion: do cats purr?", "choices": ["no", "yes"], "gold": 1}])
+    write_lines(
+        foundry / "winogrande.jsonl",
+        [{"context_options": ["Ann helped Bo because Ann", "Ann helped Bo because Bo"], "continuation": "was kind. ", "gold": 0}],
+    )
+    write_lines(
+        data / "rte" / "superglue_rte_val.jsonl",
+        [
+            {"premise": "A dog ran.", "hypothesis": "An animal ran.", "label": "entailment", "idx": 0},
+            {"premise": "A dog ran.", "hypothesis": "A cat flew.", "label": "not_entailment", "idx": 1},
+        ],
+    )
+    hellaswag = "Cooking: A man cracks an egg. he\n2\nsings.\nflies away.\npours it into a pan.\nreads.\n"
+    (data / "hellaswag").mkdir()
+    (data / "hellaswag" / "hellaswag_val_full.txt.bz2").write_bytes(bz2.compress(hellaswag.encode("utf-8")))
+    return data

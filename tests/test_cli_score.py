@@ -169,6 +169,8 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], Path], str]] = [
     ("kv heads", lambda tmp: _hf_folder(tmp / "kv", num_key_value_heads=3), "KV head count 3 does not divide head count 8"),
     ("shape mismatch", lambda tmp: _hf_folder(tmp / "hd", head_dim=4), "expected [32, 64]"),
     ("missing shard", _missing_shard, "no such file"),
+    ("moe gguf", lambda tmp: tm.write_llama_gguf(tmp / "moe.gguf", CONFIG, expert_count=8), "mixture-of-experts models (8 experts"),
+    ("moe hf", lambda tmp: _hf_folder(tmp / "moe", num_local_experts=8), "mixture-of-experts models (8 experts"),
     ("no config.json", _no_config, "no config.json"),
 ]
 

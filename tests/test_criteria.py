@@ -30,11 +30,6 @@ CHUNKS = 2
 
 
 @pytest.fixture(scope="module")
-def tinystories(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "tinystories" / "tinystories_val_subset.txt"
-
-
-@pytest.fixture(scope="module")
 def calibration(stories260k: Path, tinystories: Path) -> TextChunks:
     return TextChunks.from_text(stories260k, tinystories, CTX, CHUNKS)
 

@@ -43,11 +43,6 @@ def smollm2_reference(smollm2: Path, wikitext: Path) -> tuple[list[np.ndarray], 
     return reference_logits(smollm2, wikitext, 512, 2)
 
 
-@pytest.fixture(scope="session")
-def tinystories(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "tinystories" / "tinystories_val_subset.txt"
-
-
 def reference_logits(model: Path, text: Path, ctx: int, n_chunks: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per chunk: float64 log-probs of the scored positions and the target tokens, via Llama.eval(logits_all)."""
     content = text.read_bytes().decode("utf-8")

@@ -12,11 +12,6 @@ from cli_helpers import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
-def tinystories(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "tinystories" / "tinystories_val_subset.txt"
-
-
-@pytest.fixture(scope="module")
 def stories_pruned(stories260k: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("stories_cli") / "pruned.gguf"
     prune_gguf(stories260k, out, [4])

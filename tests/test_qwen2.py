@@ -192,6 +192,6 @@ def test_gemma3_is_refused_with_the_reason(gemma3: Path, tmp_path: Path) -> None
         [sys.executable, "-m", "gatenorm_edge", "prune", str(gemma3), str(out), "--layers", "3"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
-    assert proc.returncode != 0 and not out.exists()
+    assert proc.returncode == 2 and not out.exists()
     assert "cannot prune architecture 'gemma3': sandwich norms" in proc.stderr
     assert "q/k norms" in proc.stderr

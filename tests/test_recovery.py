@@ -39,14 +39,6 @@ def tensor_f32(path: Path, name: str) -> np.ndarray:
     return np.array(tensor.data, dtype=np.float64).reshape([int(d) for d in reversed(tensor.shape)])
 
 
-@pytest.fixture(scope="module")
-def tinystories(shared_dir: Path) -> Path:
-    path = shared_dir / "data" / "tinystories" / "tinystories_val_subset.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
-
-
 # ----------------------------------------------------------------------------------------------
 # fold-vo: the matrix itself
 

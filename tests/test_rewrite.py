@@ -14,7 +14,7 @@ from gguf import GGUFReader, GGUFWriter
 from gatenorm_edge.errors import GatenormError
 from gatenorm_edge.gguf_layout import GGUFLayout
 from gatenorm_edge.rewrite import ATTENTION_TENSORS, attention_free_layers, inspect_gguf, prune_gguf
-from cli_helpers import llama_cpp_logits, run_cli
+from cli_helpers import assert_one_line_error, llama_cpp_logits, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,7 @@ def test_refusals(stories260k: Path, tmp_path: Path, args: list[str], message: s
     before = sha256(stories260k)
     out = tmp_path / "out.gguf"
     proc = run_cli("prune", stories260k, out, *args)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -189,7 +189,7 @@ def test_refuses_output_equal_to_input(stories260k: Path, tmp_path: Path) -> Non
     before = sha256(model)
     for out, cwd in ((model, ROOT), (tmp_path / "link.gguf", ROOT), (Path("model.gguf"), tmp_path)):
         proc = run_cli("prune", model, out, "--layers", "2", "--force", cwd=cwd)
-        assert proc.returncode != 0 and "is the input file" in proc.stderr, (out, proc.stderr)
+        assert proc.returncode == 2 and "is the input file" in proc.stderr, (out, proc.stderr)
         assert sha256(model) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.gguf", "model.gguf"]
 
@@ -198,7 +198,7 @@ def test_refuses_existing_output_without_force(stories260k: Path, tmp_path: Path
     out = tmp_path / "out.gguf"
     out.write_bytes(b"keep me")
     proc = run_cli("prune", stories260k, out, "--layers", "2")
-    assert proc.returncode != 0 and "exists; pass --force" in proc.stderr
+    assert proc.returncode == 2 and "exists; pass --force" in proc.stderr
     assert out.read_bytes() == b"keep me"
     proc = run_cli("prune", stories260k, out, "--layers", "2", "--force")
     assert proc.returncode == 0, proc.stderr
@@ -210,7 +210,7 @@ def test_refuses_unsupported_architecture(tmp_path: Path) -> None:
     _write_fake_gguf(model, "qwen3")
     before = sha256(model)
     proc = run_cli("prune", model, tmp_path / "out.gguf", "--layers", "1")
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "cannot prune architecture 'qwen3': q/k RMSNorm" in proc.stderr
     assert not (tmp_path / "out.gguf").exists() and sha256(model) == before
 
@@ -219,7 +219,7 @@ def test_refuses_mixture_of_experts_llama(tmp_path: Path) -> None:
     model = tmp_path / "mixtral.gguf"
     _write_fake_gguf(model, "llama", expert_count=8)
     proc = run_cli("prune", model, tmp_path / "out.gguf", "--layers", "1")
-    assert proc.returncode != 0 and "mixture-of-experts" in proc.stderr
+    assert_one_line_error(proc, "mixture-of-experts models (8 experts per layer) are not supported")
     assert not (tmp_path / "out.gguf").exists()
 
 
@@ -231,7 +231,7 @@ def test_refuses_truncated_and_foreign_files(stories260k: Path, tmp_path: Path, 
     for model, message in ((truncated, "truncated"), (foreign, "not a GGUF file")):
         args = [model, tmp_path / "out.gguf", "--layers", "1"] if command == "prune" else [model]
         proc = run_cli(command, *args)
-        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not (tmp_path / "out.gguf").exists()
 
 
@@ -279,7 +279,7 @@ def test_prune_by_plan_and_by_count_use_the_scores(stories260k: Path, tmp_path: 
     assert attention_free_layers(by_plan) == expected == attention_free_layers(by_count)
     assert GGUFReader(by_count).fields["gatenorm.variant"].contents() == "per-head"
     proc = run_cli("prune", stories260k, tmp_path / "x.gguf", "--plan", plan)
-    assert proc.returncode != 0 and "--plan needs --count" in proc.stderr
+    assert proc.returncode == 2 and "--plan needs --count" in proc.stderr
 
 
 def test_help_has_examples() -> None:

@@ -14,11 +14,6 @@ from gatenorm_edge.study import CriterionStudy, EvalPoint, PrunedEvaluation, Stu
 from cli_helpers import run_cli
 
 
-@pytest.fixture(scope="module")
-def tinystories(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "tinystories" / "tinystories_val_subset.txt"
-
-
 @pytest.mark.slow
 def test_study_runs_from_one_command(stories260k: Path, tinystories: Path, tmp_path: Path) -> None:
     out = tmp_path / "study.json"

@@ -29,39 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------ readers, prompts, tokens
 
 
-def write_lines(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-
-
-@pytest.fixture()
-def tiny_data(tmp_path: Path) -> Path:
-    """A data folder in ../shared/data's layout with a few hand-written examples per format."""
-    data = tmp_path / "data"
-    foundry = data / "llm-foundry"
-    qa = [{"query": f"Question: What is {n}+{n}?", "choices": [str(2 * n), str(2 * n + 1)], "gold": 0} for n in range(5)]
-    for name in ("arc_easy", "arc_challenge"):
-        write_lines(foundry / f"{name}.jsonl", qa)
-    write_lines(foundry / "piqa.jsonl", [{"query": "Question: open a jar\n", "choices": ["twist the lid", "eat it"], "gold": 0}])
-    write_lines(foundry / "openbook_qa.jsonl", [{"query": "The sun is a", "choices": ["star", "moon"], "gold": 0}])
-    write_lines(foundry / "boolq.jsonl", [{"query": "Passage: Cats purr.\nQuestion: do cats purr?", "choices": ["no", "yes"], "gold": 1}])
-    write_lines(
-        foundry / "winogrande.jsonl",
-        [{"context_options": ["Ann helped Bo because Ann", "Ann helped Bo because Bo"], "continuation": "was kind. ", "gold": 0}],
-    )
-    write_lines(
-        data / "rte" / "superglue_rte_val.jsonl",
-        [
-            {"premise": "A dog ran.", "hypothesis": "An animal ran.", "label": "entailment", "idx": 0},
-            {"premise": "A dog ran.", "hypothesis": "A cat flew.", "label": "not_entailment", "idx": 1},
-        ],
-    )
-    hellaswag = "Cooking: A man cracks an egg. he\n2\nsings.\nflies away.\npours it into a pan.\nreads.\n"
-    (data / "hellaswag").mkdir()
-    (data / "hellaswag" / "hellaswag_val_full.txt.bz2").write_bytes(bz2.compress(hellaswag.encode("utf-8")))
-    return data
-
-
 def test_prompts_follow_lm_eval(tiny_data: Path) -> None:
     (arc,) = zs.load_task("arc_easy", tiny_data, limit=1)
     assert arc.requests == (("Question: What is 0+0?\nAnswer:", " 0"), ("Question: What is 0+0?\nAnswer:", " 1"))
@@ -288,17 +255,17 @@ def test_cli_bad_input_is_one_line(tiny_data: Path, tmp_path: Path, args: list[s
     model.write_bytes(b"not a gguf")
     extra = [] if "--data-dir" in args else ["--data-dir", str(tiny_data)]
     done = run_zeroshot(str(model), *args, *extra, "--cache-dir", str(tmp_path / "cache"))
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip().removeprefix('error: ')}"]
     assert message in done.stderr and not (tmp_path / "cache").exists()
 
 
 def test_cli_missing_model_and_missing_task_file(tiny_data: Path, tmp_path: Path) -> None:
     done = run_zeroshot(str(tmp_path / "absent.gguf"), "--tasks", "rte", "--data-dir", str(tiny_data))
-    assert done.returncode != 0 and done.stderr.strip() == f"error: {tmp_path / 'absent.gguf'}: no such model file"
+    assert done.returncode == 2 and done.stderr.strip() == f"error: {tmp_path / 'absent.gguf'}: no such model file"
     (tiny_data / "rte" / "superglue_rte_val.jsonl").unlink()
     done = run_zeroshot(str(tmp_path / "absent.gguf"), "--tasks", "rte", "--data-dir", str(tiny_data))
-    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1 and "data file" in done.stderr
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "data file" in done.stderr
 
 
 @pytest.mark.slow

@@ -98,10 +98,14 @@ def write_llama_gguf(
     drop: Collection[str] = (),
     qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
     split_max_tensors: int = 0,
+    expert_count: int = 0,
 ) -> Path:
-    """Write a tiny random llama GGUF (2-D weights in ``qtype``); returns the path to open (first split)."""
+    """Write a tiny random llama GGUF (2-D weights in ``qtype``); returns the path to open (first split).
+    ``expert_count`` only adds that metadata key (a file that claims to be a mixture of experts)."""
     writer = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     writer.add_block_count(config.n_layers)
+    if expert_count:
+        writer.add_expert_count(expert_count)
     writer.add_context_length(128)
     writer.add_embedding_length(config.n_embd)
     writer.add_feed_forward_length(config.n_ff)

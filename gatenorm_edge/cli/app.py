@@ -25,6 +25,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+INTERRUPTED = 130  # the shell's status for a run stopped by SIGINT
+
 
 def fail(message: str) -> None:
     """Print ``error: message`` on stderr and exit with status 2."""
@@ -37,18 +39,29 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> None:
-    """Console-script entry point: run the app, reporting known failures in one line."""
-    from . import commands  # noqa: F401  (registers every subcommand on ``app``)
+def _option_error(exc: typer.TyperException) -> str:
+    """A parsing error (bad option value, missing argument, unknown option) as one line."""
+    context = getattr(exc, "ctx", None)
+    hint = f" (see {context.command_path} --help)" if context is not None else ""
+    return " ".join(exc.format_message().split()) + hint
 
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app; every failure, option parsing included, is one
+    ``error:`` line and exit status 2 (interruption: status 130)."""
     signal.signal(signal.SIGTERM, _interrupt)
+    args = sys.argv[1:] if argv is None else argv
     try:
-        app()
+        status = app(args=args or ["--help"], prog_name="gatenorm-edge", standalone_mode=False)
+    except typer.TyperException as exc:
+        fail(_option_error(exc))
     except GatenormError as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
-        raise SystemExit(130)
+        raise SystemExit(INTERRUPTED) from None
     except OSError as exc:
         fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-    sys.exit(0)
+    if status == INTERRUPTED:  # typer turns KeyboardInterrupt into this status after unwinding
+        typer.echo("interrupted", err=True)
+    sys.exit(status if isinstance(status, int) else 0)

@@ -28,16 +28,16 @@ ALL_TASKS = ",".join(TASKS)
 )
 def zeroshot(
     model: Path = typer.Argument(..., help="GGUF model to evaluate."),
-    tasks: str = typer.Option(..., "--tasks", help=f"Comma-separated tasks from: {ALL_TASKS}."),
+    tasks: str = typer.Option(..., "--tasks", help=f"Comma-separated tasks from: {', '.join(TASKS)}."),
     data_dir: Optional[Path] = typer.Option(
-        None, "--data-dir", help="Task data in ../shared/data's layout [default: ../shared/data when present]."
+        None, "--data-dir", help="Task data in ../shared/data's layout (default: ../shared/data when present)."
     ),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
     cache_dir: Optional[Path] = typer.Option(
-        None, "--cache-dir", help="Per-example results [default: $GATENORM_CACHE/zeroshot or ~/.cache/gatenorm-edge/zeroshot]."
+        None, "--cache-dir", help="Per-example results (default: zeroshot/ in $GATENORM_CACHE, else in ~/.cache/gatenorm-edge)."
     ),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for llama.cpp [default: all cores]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for llama.cpp (default: all cores)."),
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help="Flash attention (default on)."),
 ) -> None:
     """Zero-shot accuracy (acc, acc_norm ± stderr) on BoolQ, RTE, HellaSwag, WinoGrande, ARC, OpenBookQA, PIQA."""

@@ -72,6 +72,15 @@ def _unsupported(where: str, kind: str, value: object, known: list[str]) -> Gate
     return GatenormError(f"{where}: {kind} {value!r} is not supported (supported: {', '.join(known)})")
 
 
+def refuse_mixture_of_experts(n_experts: object, where: str) -> None:
+    """Refuse a mixture-of-experts model (GGUF ``expert_count``, HF ``num_local_experts`` or the like)."""
+    if isinstance(n_experts, int | float) and n_experts > 0:
+        raise GatenormError(
+            f"{where}: mixture-of-experts models ({n_experts:g} experts per layer) are not supported: "
+            "their FFN has no deci form, so they can be neither scored nor pruned"
+        )
+
+
 def architecture_for_gguf(name: object, where: str) -> Architecture:
     """The architecture whose GGUF ``general.architecture`` is ``name``."""
     for arch in ARCHITECTURES:

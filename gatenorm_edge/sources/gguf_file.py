@@ -2,38 +2,26 @@
 
 The header is scanned with ``GGUFLayout`` (struct over the bytes, tokenizer string arrays skipped),
 which opens a model in milliseconds; ``gguf.GGUFReader`` builds a numpy view per tokenizer string
-and takes seconds. Each tensor is read with one positioned read into a private buffer and
-dequantized by ``gguf.quants.dequantize``, so memory holds one tensor, never the mapped file.
-The ``gguf.GGUFReader`` objects (``readers``, ``fields``, ``tensor_info``, ``tensors``) are still
-available and are built on first use.
+and takes seconds. Each tensor is read from a memory map of its own byte range and dequantized by
+``gguf.quants.dequantize``, so memory holds one tensor, never the whole file.
 """
 
 from __future__ import annotations
 
 import re
-import struct
-from collections.abc import Iterator
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from ..errors import GatenormError
 from ..fileio import map_region
-from ..gguf_layout import SCALAR_FORMATS, GGUFLayout, TensorSpan
+from ..gguf_layout import GGUFLayout, TensorSpan
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 SPLIT_COUNT_KEY = "split.count"
-
-
-def _open_reader(path: Path) -> GGUFReader:
-    try:
-        return GGUFReader(path)
-    except (ValueError, IndexError, OverflowError, MemoryError, KeyError) as exc:
-        raise GatenormError(f"{path}: corrupt or truncated GGUF ({exc})") from None
 
 
 def split_paths(path: Path) -> list[Path]:
@@ -64,15 +52,6 @@ class GGUFFile:
                     raise GatenormError(f"{layout.path}: tensor {name} is also in {self._spans[name][0].name}")
                 self._spans[name] = (layout.path, span)
 
-    @cached_property
-    def readers(self) -> list[GGUFReader]:
-        """``gguf.GGUFReader`` of every file (slow on large vocabularies; built on first use)."""
-        return [_open_reader(p) for p in self.paths]
-
-    @property
-    def fields(self) -> dict[str, ReaderField]:
-        return self.readers[0].fields
-
     @property
     def architecture(self) -> str:
         return str(self.value("general.architecture"))
@@ -83,14 +62,7 @@ class GGUFFile:
         counts = {"GGUF.version": header.version, "GGUF.tensor_count": len(header.tensors), "GGUF.kv_count": len(header.fields)}
         if key in counts:  # the pseudo-fields GGUFReader lists with the metadata
             return counts[key]
-        span = header.fields.get(key)
-        if span is None:
-            return default
-        if span.type == GGUFValueType.ARRAY:
-            (item_type,) = struct.unpack("<I", header.raw(span.value_start, span.value_start + 4))
-            if item_type not in SCALAR_FORMATS:  # strings (tokenizer vocabularies): the slow, general reader
-                return self.fields[key].contents()
-        return header.value(key)
+        return header.value(key, default)
 
     def arch_value(self, suffix: str, default: Any = None) -> Any:
         """An architecture-scoped value, e.g. ``arch_value("block_count")`` for ``llama.block_count``."""
@@ -109,20 +81,12 @@ class GGUFFile:
         except KeyError:
             raise GatenormError(f"{self.path}: tensor {name} is missing") from None
 
-    def tensor_info(self, name: str) -> ReaderTensor:
-        """The ``gguf.ReaderTensor`` of tensor ``name`` (builds the readers on first use)."""
-        span = self.tensor_span(name)
-        file_index = self.paths.index(self._spans[name][0])
-        return next(t for t in self.readers[file_index].tensors if t.name == span.name)
-
     def tensor(self, name: str, keep_float16: bool = False) -> np.ndarray:
         """Tensor ``name`` dequantized to float32 (F16 stays float16 if ``keep_float16``), numpy shape (rows, cols)."""
         span = self.tensor_span(name)
         path = self._spans[name][0]
         block_size, type_size = GGML_QUANT_SIZES[span.tensor_type]
-        row_elements, *outer = span.shape
-        if row_elements % block_size:
-            raise GatenormError(f"{path}: tensor {name} has rows of {row_elements}, not whole {span.tensor_type.name} blocks")
+        row_elements, *outer = span.shape  # whole blocks per row: checked by the header scan
         raw = map_region(path, span.data_offset, span.n_bytes)
         if raw is None:
             raise GatenormError(f"{path}: truncated GGUF, tensor {name} is cut short")
@@ -136,10 +100,6 @@ class GGUFFile:
                 f"{self.path}: tensor {name} has type {span.tensor_type.name}, which the gguf package cannot dequantize"
             ) from None
         return np.asarray(array, dtype=np.float32)
-
-    def tensors(self) -> Iterator[ReaderTensor]:
-        """Every ``gguf.ReaderTensor`` of the set (builds the readers on first use)."""
-        return (tensor for reader in self.readers for tensor in reader.tensors)
 
     @property
     def nbytes(self) -> int:

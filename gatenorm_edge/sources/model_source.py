@@ -16,7 +16,7 @@ import numpy as np
 from gguf import Keys
 
 from ..errors import GatenormError
-from .architectures import Architecture, architecture_for_gguf, architecture_for_hf
+from .architectures import Architecture, architecture_for_gguf, architecture_for_hf, refuse_mixture_of_experts
 from .gguf_file import GGUFFile
 from .safetensors_file import SafetensorsCheckpoint, looks_like_safetensors
 
@@ -131,6 +131,7 @@ def _open_gguf(path: Path) -> ModelSource:
     if arch_name is None:
         raise GatenormError(f"{path}: GGUF has no {Keys.General.ARCHITECTURE}")
     arch = architecture_for_gguf(arch_name, str(path))
+    refuse_mixture_of_experts(model.value(Keys.LLM.EXPERT_COUNT.format(arch=arch.name), 0), str(path))
 
     def meta(key: str, default: Any = None) -> Any:
         full_key = key.format(arch=arch.name)
@@ -172,6 +173,8 @@ def _open_safetensors(path: Path) -> ModelSource:
     config_path, config = _hf_config(checkpoint)
     where = str(config_path)
     arch = architecture_for_hf(config.get("model_type"), where)
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        refuse_mixture_of_experts(config.get(key), where)
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
         if key not in config:
             raise GatenormError(f"{where}: {key} is missing")

@@ -88,8 +88,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         raw = handle.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _bad(path, "not a safetensors file (header is not JSON)") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON or an over-long number
+        raise _bad(path, "not a safetensors file (header is not JSON, or nests or numbers beyond reason)") from None
     if not isinstance(header, dict):
         raise _bad(path, "not a safetensors file (header is not a JSON object)")
     data_start = 8 + header_len

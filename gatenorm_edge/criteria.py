@@ -40,6 +40,7 @@ from .harness.text import read_text
 from .reference import ReferenceModel
 from .rewrite import prune_gguf
 from .scoring import VARIANTS, score_model
+from .sources.geometry import ModelGeometry, gguf_geometry
 from .sources.gguf_file import GGUFFile
 
 WEIGHT_CRITERIA = VARIANTS + ("ov", "qk-ov")
@@ -164,20 +165,17 @@ def ov_score(v: np.ndarray, o: np.ndarray, n_head: int, n_head_kv: int, gain: np
 
 def _ov_scores(model: Path | str) -> list[float]:
     gguf = GGUFFile(model)
-    n_layers = int(gguf.arch_value("block_count"))
-    n_head = gguf.arch_value("attention.head_count")
-    n_head_kv = gguf.arch_value("attention.head_count_kv", n_head)
-    if isinstance(n_head, list) or isinstance(n_head_kv, list):
-        raise GatenormError(f"{model}: per-layer head counts (an already pruned file) cannot be scored by ov")
+    geometry = ModelGeometry.from_gguf(gguf)
+    n_head, n_head_kv = geometry.uniform_heads(f"{model} (ov criterion)")
     return [
         ov_score(
             gguf.tensor(f"blk.{layer}.attn_v.weight"),
             gguf.tensor(f"blk.{layer}.attn_output.weight"),
-            int(n_head),
-            int(n_head_kv),
+            n_head,
+            n_head_kv,
             gguf.tensor(f"blk.{layer}.attn_norm.weight"),
         )
-        for layer in range(n_layers)
+        for layer in range(geometry.n_layers)
     ]
 
 
@@ -279,7 +277,7 @@ def rank_layers(
     if criterion not in CRITERIA:
         raise GatenormError(f"unknown criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
     started = time.perf_counter()
-    n_layers = int(GGUFFile(model).arch_value("block_count"))
+    n_layers = gguf_geometry(model).n_layers
     if n_layers < 2:
         raise GatenormError(f"{model}: only {n_layers} layer; layer 0 cannot be pruned, so there is nothing to rank")
     if criterion in WEIGHT_CRITERIA:
@@ -318,7 +316,7 @@ def choose_by_criterion(
     """Rank layers for removing ``count`` of them (greedy-ppl runs ``count`` steps only)."""
     if criterion not in CRITERIA:
         raise GatenormError(f"unknown criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
-    n_layers = int(GGUFFile(model).arch_value("block_count"))
+    n_layers = gguf_geometry(model).n_layers
     if not 1 <= count <= n_layers - 2:
         raise GatenormError(f"--count must be between 1 and {n_layers - 2} for a {n_layers}-layer model, not {count}")
     calibration = None

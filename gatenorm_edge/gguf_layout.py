@@ -14,7 +14,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, Keys
@@ -259,6 +259,11 @@ class GGUFLayout:
         return np.frombuffer(self._map, dtype=dtype, count=count, offset=self._pos).tolist()
 
     @property
+    def split_count(self) -> int:
+        """How many files the model is split over (1: not split)."""
+        return int(self.value(Keys.Split.LLM_KV_SPLIT_COUNT, 1))
+
+    @property
     def architecture(self) -> str:
         arch = self.value(Keys.General.ARCHITECTURE)
         if not isinstance(arch, str):
@@ -267,30 +272,3 @@ class GGUFLayout:
 
     def arch_value(self, suffix: str, default: Any = None) -> Any:
         return self.value(f"{self.architecture}.{suffix}", default)
-
-
-class ArchMetadata(Protocol):
-    """What per-layer metadata needs: a path for messages and architecture-scoped values."""
-
-    path: Path
-
-    @property
-    def architecture(self) -> str: ...
-
-    def arch_value(self, suffix: str, default: Any = None) -> Any: ...
-
-
-def head_counts(model: ArchMetadata, n_layers: int) -> tuple[list[int], list[int]]:
-    """Per-layer query and KV head counts: scalars apply to every layer, KV defaults to the query count."""
-
-    def per_layer(suffix: str, default: Any = None) -> list[int]:
-        value = model.arch_value(suffix, default)
-        if value is None:
-            raise GatenormError(f"{model.path}: metadata key {model.architecture}.{suffix} is missing")
-        if isinstance(value, list):
-            if len(value) != n_layers:
-                raise GatenormError(f"{model.path}: {model.architecture}.{suffix} has {len(value)} entries, not {n_layers}")
-            return [int(v) for v in value]
-        return [int(value)] * n_layers
-
-    return per_layer("attention.head_count"), per_layer("attention.head_count_kv", model.arch_value("attention.head_count"))

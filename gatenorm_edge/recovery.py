@@ -31,10 +31,12 @@ from .errors import GatenormError
 from .fileio import work_folder
 from .harness.model import open_model
 from .harness.perplexity import count_chunks, perplexity
-from .harness.progress import progress_bar
+from .progress import progress_bar
 from .harness.text import read_text
 from .reference import ReferenceModel, rms_norm
-from .rewrite import LinearMaps, PruneResult, check_output_path, plan_rewrite, prune_gguf
+from .rewrite import PruneResult, check_output_path, prune_gguf
+from .rewrite_plan import LinearMaps, plan_rewrite
+from .sources.geometry import ModelGeometry
 from .sources.gguf_file import GGUFFile
 
 AUTO = "auto"  # the data-free default: self-calibrated, validated linear patches (``selfprune``)
@@ -85,8 +87,7 @@ def fold_vo_matrix(model: GGUFFile, layer: int) -> np.ndarray:
     n_embd = w_o.shape[0]
     n_heads_dim = w_o.shape[1]
     kv_dim = w_v.shape[0]
-    head_count = model.arch_value("attention.head_count")
-    n_heads = int(head_count[layer] if isinstance(head_count, list) else head_count)
+    n_heads = ModelGeometry.from_gguf(model).head_count[layer]
     head_dim = n_heads_dim // n_heads
     n_kv = kv_dim // head_dim
     if n_kv == 0 or n_heads % n_kv or w_v.shape[1] != n_embd:

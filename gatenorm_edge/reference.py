@@ -21,11 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GatenormError
-from .gguf_layout import head_counts
+from .sources.architectures import known_architecture
+from .sources.geometry import ModelGeometry
 from .sources.gguf_file import GGUFFile
-
-ROPE_STYLE = {"llama": "normal", "deci": "normal", "qwen2": "neox"}
-
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -42,26 +40,25 @@ class ModelArgs:
 
     @classmethod
     def from_gguf(cls, model: GGUFFile) -> ModelArgs:
-        arch = model.architecture
-        if arch not in ROPE_STYLE:
-            raise GatenormError(f"the reference forward pass covers {', '.join(ROPE_STYLE)}, not '{arch}'")
-        n_layers = int(model.arch_value("block_count"))
-        n_heads, n_kv_heads = head_counts(model, n_layers)
-        n_embd = int(model.arch_value("embedding_length"))
-        head_dim = int(model.arch_value("attention.key_length", n_embd // n_heads[0]))
-        scaling = model.arch_value("rope.scaling.type", "none")
-        factor = float(model.arch_value("rope.scaling.factor", 1.0) or 1.0)
-        if scaling not in ("none", "linear") or factor != 1.0:
-            raise GatenormError(f"RoPE scaling '{scaling}' (factor {factor}) is not in the reference forward pass")
+        arch = known_architecture(model.architecture, str(model.path))
+        if arch.prune_refusal is not None:  # the forward pass is the plain llama block, with either RoPE
+            raise GatenormError(f"the reference forward pass covers llama, deci and qwen2, not '{arch.name}'")
+        g = ModelGeometry.from_gguf(model)
+        if g.rope_scaling not in ("none", "linear") or g.rope_scaling_factor != 1.0:
+            raise GatenormError(
+                f"RoPE scaling '{g.rope_scaling}' (factor {g.rope_scaling_factor}) is not in the reference forward pass"
+            )
+        if g.norm_eps is None:
+            raise GatenormError(f"{model.path}: metadata key {arch.name}.attention.layer_norm_rms_epsilon is missing")
         return cls(
-            n_layers=n_layers,
-            n_embd=n_embd,
-            head_dim=head_dim,
-            n_heads=n_heads,
-            n_kv_heads=n_kv_heads,
-            norm_eps=float(model.arch_value("attention.layer_norm_rms_epsilon")),
-            rope_base=float(model.arch_value("rope.freq_base", 10000.0)),
-            rope_style=ROPE_STYLE[arch],
+            n_layers=g.n_layers,
+            n_embd=g.n_embd,
+            head_dim=g.head_dim,
+            n_heads=list(g.head_count),
+            n_kv_heads=list(g.head_count_kv),
+            norm_eps=g.norm_eps,
+            rope_base=g.rope_base,
+            rope_style=arch.rope_style,
         )
 
 

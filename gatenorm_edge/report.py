@@ -52,7 +52,7 @@ ATTENTION_COST_LABELS = (
 
 
 def attention_layer_kinds(cost: dict[str, Any]) -> str:
-    """'26 attention, 2 linear, 2 free' from ``rewrite.attention_cost``'s ``layers``."""
+    """'26 attention, 2 linear, 2 free' from ``inspection.attention_cost``'s ``layers``."""
     return ", ".join(f"{len(cost['layers'][kind])} {kind}" for kind in ("attention", "linear", "free"))
 
 

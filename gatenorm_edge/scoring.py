@@ -231,7 +231,7 @@ def score_model(path: Path | str, variant: str = "per-head", progress: bool = Fa
         for layer in layers:
             attention = source.attention(layer, with_norm_gain=variant == "folded")
             scores.append(
-                score_layer(attention.q, attention.k, geometry.n_head, geometry.n_head_kv, variant, attention.norm_gain, pool)
+                score_layer(attention.q, attention.k, source.n_head, source.n_head_kv, variant, attention.norm_gain, pool)
             )
     return ScoreReport(
         model=str(path),

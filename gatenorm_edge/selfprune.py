@@ -38,12 +38,14 @@ from .errors import GatenormError
 from .harness.model import LoadedModel, open_model
 from .harness.perplexity import log_softmax, row_blocks
 from .harness.probe import StreamEdits, StreamProbe
-from .harness.progress import Ticker, progress_bar
+from .progress import Ticker, progress_bar
 from .harness.selfcal import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, Calibration, self_calibration, text_calibration
 from .harness.text import read_text
 from .recovery import ridge_solve
-from .rewrite import PruneResult, check_output_path, plan_rewrite, prune_gguf
+from .rewrite import PruneResult, check_output_path, prune_gguf
+from .rewrite_plan import plan_rewrite
 from .scoring import score_model
+from .sources.geometry import gguf_geometry
 from .sources.gguf_file import GGUFFile
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -401,7 +403,7 @@ def self_prune(
             f"{src}: the data-free default works on {' and '.join(SELF_CALIBRATED_ARCHS)} files, not "
             f"{gguf.architecture}; choose layers with --layers or --criterion per-head"
         )
-    check_count(count, int(gguf.arch_value("block_count")))
+    check_count(count, gguf_geometry(src).n_layers)
     with contextlib.closing(
         SelfCalibratedPruner(src, calib=calib, recover=recover, seed=seed, n_threads=n_threads, progress=progress)
     ) as pruner:

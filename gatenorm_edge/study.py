@@ -29,10 +29,10 @@ from .fileio import work_folder
 from .harness.kld import DivergenceTotals, stderr_of_mean, token_divergence
 from .harness.model import open_model
 from .harness.perplexity import NllStats, chunk_logits, token_nll
-from .harness.progress import progress_bar
+from .progress import progress_bar
 from .report import require_matplotlib, save_figure
 from .rewrite import prune_gguf
-from .sources.gguf_file import GGUFFile
+from .sources.geometry import gguf_geometry
 
 DEFAULT_CRITERION = "per-head"  # what `prune --count` uses: the one held to the 10% bar
 ORACLE = "greedy-ppl"
@@ -137,7 +137,7 @@ class PrunedEvaluation:
 
 
 def _check_request(model: Path, counts: Sequence[int], criteria: Sequence[str]) -> int:
-    n_layers = int(GGUFFile(model).arch_value("block_count"))
+    n_layers = gguf_geometry(model).n_layers
     unknown = [name for name in criteria if name not in CRITERIA]
     if unknown:
         raise GatenormError(f"unknown criteria {', '.join(unknown)} (choose from {', '.join(CRITERIA)})")

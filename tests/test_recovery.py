@@ -13,7 +13,9 @@ from gguf import GGMLQuantizationType, GGUFReader
 
 from gatenorm_edge.recovery import fit_linear_maps, fold_vo_matrix, prune_with_recovery
 from gatenorm_edge.reference import ReferenceModel, rms_norm
-from gatenorm_edge.rewrite import attention_cost, linear_tensor_type, prune_gguf
+from gatenorm_edge.inspection import attention_cost
+from gatenorm_edge.rewrite import prune_gguf
+from gatenorm_edge.rewrite_plan import linear_tensor_type
 from gatenorm_edge.sources.gguf_file import GGUFFile
 from cli_helpers import assert_one_line_error, llama_cpp_logits, run_cli
 

@@ -13,7 +13,9 @@ from gguf import GGUFReader, GGUFWriter
 
 from gatenorm_edge.errors import GatenormError
 from gatenorm_edge.gguf_layout import GGUFLayout
-from gatenorm_edge.rewrite import ATTENTION_TENSORS, attention_free_layers, inspect_gguf, prune_gguf
+from gatenorm_edge.inspection import attention_free_layers, inspect_gguf
+from gatenorm_edge.rewrite import prune_gguf
+from gatenorm_edge.rewrite_plan import ATTENTION_TENSORS
 from cli_helpers import assert_one_line_error, llama_cpp_logits, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -249,12 +249,12 @@ def test_real_qwen2_and_gemma3_match_the_reference(request: pytest.FixtureReques
     path = request.getfixturevalue(model)
     source = open_source(path)
     g = source.geometry
-    assert (source.architecture.name, g.n_layers, g.n_embd, g.n_head, g.n_head_kv, g.head_dim) == expected
+    assert (source.architecture.name, g.n_layers, g.n_embd, source.n_head, source.n_head_kv, g.head_dim) == expected
     for layer in (1, g.n_layers - 1):
         attention = source.attention(layer, with_norm_gain=True)
         for variant in VARIANTS:
-            expected_score = reference_score(attention.q, attention.k, g.n_head, g.n_head_kv, variant, attention.norm_gain)
-            assert score_layer(attention.q, attention.k, g.n_head, g.n_head_kv, variant, attention.norm_gain) == pytest.approx(
+            expected_score = reference_score(attention.q, attention.k, source.n_head, source.n_head_kv, variant, attention.norm_gain)
+            assert score_layer(attention.q, attention.k, source.n_head, source.n_head_kv, variant, attention.norm_gain) == pytest.approx(
                 expected_score, rel=1e-5
             )
     report = score_model(path)

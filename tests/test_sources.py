@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 import tiny_models as tm
 from gatenorm_edge.errors import GatenormError
-from gatenorm_edge.sources import GGUFFile, SafetensorsCheckpoint, open_source
+from gatenorm_edge.sources import GGUFFile, ModelSource, SafetensorsCheckpoint, open_source
 from gatenorm_edge.sources.rope_layout import gguf_to_hf_rows, hf_to_gguf_rows
 
 CONFIG = tm.TinyConfig()
@@ -55,7 +55,11 @@ def test_rope_layout_matches_the_converter_index_rule() -> None:
 
 def test_gguf_and_safetensors_hold_the_same_weights_in_their_own_row_order(tiny: dict[str, Path]) -> None:
     gguf_source, hf_source = open_source(tiny["gguf"]), open_source(tiny["hf_file"])
-    assert gguf_source.geometry == hf_source.geometry
+    def attention_shape(source: ModelSource) -> tuple:
+        g = source.geometry
+        return g.n_layers, g.n_embd, g.head_count, g.head_count_kv, g.head_dim
+
+    assert attention_shape(gguf_source) == attention_shape(hf_source)
     assert (gguf_source.file_format, hf_source.file_format) == ("gguf", "safetensors")
     raw = tm.read_gguf_weights(tiny["gguf"])
     for layer in range(CONFIG.n_layers):
@@ -171,7 +175,7 @@ def test_hf_architectures_map_to_gguf_names_and_geometry(
     source = open_source(tmp_path)
     assert source.architecture.name == arch
     assert source.architecture.gguf_qk_interleaved is interleaved
-    assert (source.geometry.n_head, source.geometry.n_head_kv, source.geometry.head_dim) == (4, 2, head_dim)
+    assert (source.n_head, source.n_head_kv, source.geometry.head_dim) == (4, 2, head_dim)
     layer = source.attention(1, with_norm_gain=True)
     np.testing.assert_array_equal(layer.q, weights["model.layers.1.self_attn.q_proj.weight"])
     np.testing.assert_array_equal(layer.norm_gain, weights["model.layers.1.input_layernorm.weight"] + np.float32(norm_offset))
@@ -181,7 +185,8 @@ def test_hf_architectures_map_to_gguf_names_and_geometry(
 def test_real_stories260k_geometry(stories260k: Path) -> None:
     source = open_source(stories260k)
     g = source.geometry
-    assert (source.architecture.name, g.n_layers, g.n_embd, g.n_head, g.n_head_kv, g.head_dim) == ("llama", 5, 64, 8, 4, 8)
+    assert (source.architecture.name, g.n_layers, g.n_embd, source.n_head, source.n_head_kv, g.head_dim) == ("llama", 5, 64, 8, 4, 8)
+    assert g.head_count == (8,) * 5 and g.context_length == 2048 and g.rope_base == 10000.0
 
 
 def test_library_errors_are_gatenorm_errors(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from cli_helpers import ROOT, assert_one_line_error, run_cli
 
 from gatenorm_edge.fileio import PARTIAL_TAG
-from gatenorm_edge.rewrite import attention_free_layers
+from gatenorm_edge.inspection import attention_free_layers
 
 INTERRUPTS = [signal.SIGINT, signal.SIGTERM]
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from gatenorm_edge.report import markdown_table
-from gatenorm_edge.rewrite import attention_cost
+from gatenorm_edge.inspection import attention_cost
 
 MODES = ("drop", "fold-vo", "fold-vo-search", "linear", "linear-wiki")
 

@@ -15,8 +15,8 @@ from ..recovery import AUTO, DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RI
 from ..scoring import VARIANTS
 from ..selfprune import self_prune
 from ..report import ATTENTION_COST_LABELS, attention_layer_kinds, markdown_table
-from ..rewrite import inspect_gguf
-from ..sources.gguf_file import GGUFFile
+from ..inspection import inspect_gguf
+from ..sources.geometry import gguf_geometry
 from .app import app
 
 
@@ -70,7 +70,7 @@ def choose_layers(
 
     if plan is not None:
         report = ScoreReport.from_json(plan)
-        n_layers = GGUFFile(model).arch_value("block_count")
+        n_layers = gguf_geometry(model).n_layers
         if report.n_layers != n_layers:
             raise GatenormError(f"{plan} scores a {report.n_layers}-layer model, but {model} has {n_layers} layers")
         selection = f"plan {plan.name}"

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..rewrite import attention_cost
+from ..inspection import attention_cost
 from ..sources import GGUFFile
 from .kld import kl_divergence
 from .speed import BenchSettings, bench

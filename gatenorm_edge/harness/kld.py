@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import GatenormError
 from .perplexity import NllStats, PerplexityResult, chunk_logits, count_chunks, log_softmax, row_blocks
 from .model import open_model
-from .progress import progress_bar
+from ..progress import progress_bar
 from .text import read_text
 
 

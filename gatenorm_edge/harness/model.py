@@ -20,7 +20,7 @@ import llama_cpp
 import numpy as np
 
 from ..errors import GatenormError
-from ..gguf_layout import head_counts
+from ..sources.geometry import ModelGeometry
 from ..sources import GGUFFile
 
 DEFAULT_BATCH = 2048  # llama-perplexity's and llama-bench's default n_batch
@@ -50,8 +50,7 @@ def default_threads() -> int:
 
 def training_context(gguf: GGUFFile) -> int | None:
     """The context length the model was trained with, from its metadata (None when absent)."""
-    value = gguf.arch_value("context_length")
-    return int(value) if value is not None else None
+    return ModelGeometry.from_gguf(gguf).context_length
 
 
 class LoadedModel(llama_cpp.Llama):
@@ -161,15 +160,11 @@ def derived_kv_bytes(gguf: GGUFFile, cells: int, flash_attn: bool) -> int:
     flash attention llama.cpp stores V transposed and pads every layer's V, attention-free ones
     included, to the widest layer.
     """
-    n_layers = int(gguf.arch_value("block_count"))
-    heads, kv_heads = head_counts(gguf, n_layers)
-    n_embd = int(gguf.arch_value("embedding_length"))
-    key_size = int(gguf.arch_value("attention.key_length", n_embd // heads[0]))
-    value_size = int(gguf.arch_value("attention.value_length", n_embd // heads[0]))
-    k_widths = [n * key_size for n in kv_heads]
-    v_widths = [n * value_size for n in kv_heads]
+    g = ModelGeometry.from_gguf(gguf)
+    k_widths = [n * g.head_dim for n in g.head_count_kv]
+    v_widths = [n * g.value_dim for n in g.head_count_kv]
     if not flash_attn:
-        v_widths = [max(v_widths)] * n_layers
+        v_widths = [max(v_widths)] * g.n_layers
     return 2 * cells * (sum(k_widths) + sum(v_widths))
 
 

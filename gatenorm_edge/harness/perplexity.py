@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import GatenormError
 from .model import LoadedModel, open_model
-from .progress import progress_bar
+from ..progress import progress_bar
 from .text import read_text
 
 ROWS_PER_BLOCK = 32  # log-softmax this many rows at a time: float64 work stays a few MB per block

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import GatenormError
 from ..fileio import file_sha256, write_text_atomic
 from .model import LoadedModel
-from .progress import progress_bar
+from ..progress import progress_bar
 
 STARTS = (
     "Once upon a time, ",

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import GatenormError
 from .model import LoadedModel, default_threads, open_model
-from .progress import progress_bar
+from ..progress import progress_bar
 
 KINDS = ("pp", "tg")
 

@@ -47,7 +47,7 @@ from ..errors import GatenormError
 from ..fileio import file_sha256
 from ..sources import GGUFFile
 from .model import LoadedModel, open_model, training_context
-from .progress import progress_bar
+from ..progress import progress_bar
 
 RESULTS_VERSION = 1  # bump when prompts or scoring change: old cached results stop matching
 LOGSUMEXP_ROWS = 32  # rows of logits turned into float64 at a time

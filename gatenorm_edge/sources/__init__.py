@@ -2,16 +2,17 @@
 
 from .architectures import ARCHITECTURES, Architecture, AttentionNames
 from .gguf_file import GGUFFile
-from .model_source import AttentionGeometry, LayerAttention, ModelSource, open_source
+from .geometry import ModelGeometry
+from .model_source import LayerAttention, ModelSource, open_source
 from .safetensors_file import SafetensorsCheckpoint
 
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
-    "AttentionGeometry",
     "AttentionNames",
     "GGUFFile",
     "LayerAttention",
+    "ModelGeometry",
     "ModelSource",
     "SafetensorsCheckpoint",
     "open_source",

@@ -16,7 +16,8 @@ import numpy as np
 from gguf import Keys
 
 from ..errors import GatenormError
-from .architectures import Architecture, architecture_for_gguf, architecture_for_hf, refuse_mixture_of_experts
+from .architectures import Architecture, architecture_for_gguf, architecture_for_hf
+from .geometry import ModelGeometry
 from .gguf_file import GGUFFile
 from .safetensors_file import SafetensorsCheckpoint, looks_like_safetensors
 
@@ -29,37 +30,6 @@ class TensorStore(Protocol):
     def has_tensor(self, name: str) -> bool: ...
 
     def tensor(self, name: str, keep_float16: bool = False) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class AttentionGeometry:
-    """Layer count, width and head layout shared by every layer."""
-
-    n_layers: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-
-    @classmethod
-    def checked(
-        cls, where: str, n_layers: Any, n_embd: Any, n_head: Any, n_head_kv: Any, head_dim: Any = None
-    ) -> AttentionGeometry:
-        """Validate raw metadata values; ``head_dim`` None means width / heads."""
-        for key, value in (("layer count", n_layers), ("width", n_embd), ("head count", n_head), ("KV head count", n_head_kv)):
-            if isinstance(value, (list, tuple)):
-                raise GatenormError(f"{where}: per-layer {key}s are not supported")
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise GatenormError(f"{where}: {key} must be a positive integer, got {value!r}")
-        if head_dim is None:
-            if n_embd % n_head:
-                raise GatenormError(f"{where}: head count {n_head} does not divide the width {n_embd}")
-            head_dim = n_embd // n_head
-        elif not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
-            raise GatenormError(f"{where}: head size must be a positive integer, got {head_dim!r}")
-        if n_head % n_head_kv:
-            raise GatenormError(f"{where}: KV head count {n_head_kv} does not divide head count {n_head}")
-        return cls(n_layers, n_embd, n_head, n_head_kv, head_dim)
 
 
 @dataclass(frozen=True)
@@ -80,7 +50,7 @@ class ModelSource:
         path: Path,
         file_format: str,
         architecture: Architecture,
-        geometry: AttentionGeometry,
+        geometry: ModelGeometry,
         store: TensorStore,
         stored_names: dict[str, str] | None = None,
         norm_offset: float = 0.0,
@@ -89,6 +59,7 @@ class ModelSource:
         self.file_format = file_format
         self.architecture = architecture
         self.geometry = geometry
+        self.n_head, self.n_head_kv = geometry.uniform_heads(str(path))
         self._store = store
         self._stored_names = stored_names
         self._norm_offset = norm_offset
@@ -109,7 +80,7 @@ class ModelSource:
             g = self.geometry
             raise GatenormError(
                 f"{self.path}: {role} tensor {stored} has shape {list(values.shape)}, expected {list(shape)} "
-                f"({g.n_head} heads, {g.n_head_kv} KV heads of size {g.head_dim}, width {g.n_embd})"
+                f"({self.n_head} heads, {self.n_head_kv} KV heads of size {g.head_dim}, width {g.n_embd})"
             )
         return values
 
@@ -117,8 +88,8 @@ class ModelSource:
         """Layer ``layer``'s Q and K weights (and the attention RMSNorm gain when asked for)."""
         g = self.geometry
         names = self.architecture.attention_names(layer)
-        q = self._layer_tensor(layer, "query", names.q, (g.n_head * g.head_dim, g.n_embd), keep_float16=True)
-        k = self._layer_tensor(layer, "key", names.k, (g.n_head_kv * g.head_dim, g.n_embd), keep_float16=True)
+        q = self._layer_tensor(layer, "query", names.q, (self.n_head * g.head_dim, g.n_embd), keep_float16=True)
+        k = self._layer_tensor(layer, "key", names.k, (self.n_head_kv * g.head_dim, g.n_embd), keep_float16=True)
         gain = None
         if with_norm_gain:
             gain = self._layer_tensor(layer, "attention norm", names.norm, (g.n_embd,)) + np.float32(self._norm_offset)
@@ -131,24 +102,7 @@ def _open_gguf(path: Path) -> ModelSource:
     if arch_name is None:
         raise GatenormError(f"{path}: GGUF has no {Keys.General.ARCHITECTURE}")
     arch = architecture_for_gguf(arch_name, str(path))
-    refuse_mixture_of_experts(model.value(Keys.LLM.EXPERT_COUNT.format(arch=arch.name), 0), str(path))
-
-    def meta(key: str, default: Any = None) -> Any:
-        full_key = key.format(arch=arch.name)
-        value = model.value(full_key, default)
-        if value is None:
-            raise GatenormError(f"{path}: GGUF metadata {full_key} is missing")
-        return value
-
-    n_head = meta(Keys.Attention.HEAD_COUNT)
-    geometry = AttentionGeometry.checked(
-        str(path),
-        n_layers=meta(Keys.LLM.BLOCK_COUNT),
-        n_embd=meta(Keys.LLM.EMBEDDING_LENGTH),
-        n_head=n_head,
-        n_head_kv=meta(Keys.Attention.HEAD_COUNT_KV, n_head),
-        head_dim=model.value(Keys.Attention.KEY_LENGTH.format(arch=arch.name)),
-    )
+    geometry = ModelGeometry.from_gguf(model)
     return ModelSource(path, "gguf", arch, geometry, model)
 
 
@@ -173,19 +127,7 @@ def _open_safetensors(path: Path) -> ModelSource:
     config_path, config = _hf_config(checkpoint)
     where = str(config_path)
     arch = architecture_for_hf(config.get("model_type"), where)
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        refuse_mixture_of_experts(config.get(key), where)
-    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
-        if key not in config:
-            raise GatenormError(f"{where}: {key} is missing")
-    geometry = AttentionGeometry.checked(
-        where,
-        n_layers=config["num_hidden_layers"],
-        n_embd=config["hidden_size"],
-        n_head=config["num_attention_heads"],
-        n_head_kv=config.get("num_key_value_heads") or config["num_attention_heads"],
-        head_dim=config.get("head_dim"),
-    )
+    geometry = ModelGeometry.from_hf_config(config, arch.name, where)
     stored_names = arch.hf_to_gguf_names(checkpoint.names(), geometry.n_layers)
     return ModelSource(path, "safetensors", arch, geometry, checkpoint, stored_names, arch.hf_norm_offset)
 

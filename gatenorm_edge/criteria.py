@@ -25,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,10 @@ import numpy as np
 
 from .errors import GatenormError
 from .fileio import work_folder
-from .harness.model import open_model
-from .harness.perplexity import NllStats, chunk_logits, count_chunks, token_nll
-from .harness.text import read_text
+from .evaluation import PrunedEvaluator, TextChunks
+from .harness.text import bos_chunk
 from .reference import ReferenceModel
-from .rewrite import prune_gguf
-from .scoring import VARIANTS, score_model
+from .scoring import VARIANTS, ScoreReport, prune_order, score_model
 from .sources.geometry import ModelGeometry, gguf_geometry
 from .sources.gguf_file import GGUFFile
 
@@ -47,77 +46,6 @@ WEIGHT_CRITERIA = VARIANTS + ("ov", "qk-ov")
 BASELINES = ("random", "last", "first")
 DATA_DRIVEN = ("loo-ppl", "greedy-ppl", "cosine")
 CRITERIA = WEIGHT_CRITERIA + BASELINES + DATA_DRIVEN
-
-
-@dataclass(frozen=True)
-class TextChunks:
-    """``chunks`` x ``ctx`` tokens of ``text`` (tokenized as llama-perplexity does), from chunk ``first_chunk`` on."""
-
-    text: str
-    ctx: int
-    first_chunk: int
-    chunks: int
-    bos_token: int | None
-    tokens: np.ndarray = field(repr=False, compare=False)
-
-    @classmethod
-    def from_text(
-        cls, model: Path | str, text: Path | str, ctx: int = 512, chunks: int = 1, first_chunk: int = 0
-    ) -> TextChunks:
-        """Tokenize ``text`` with the model's tokenizer and keep the chosen chunks."""
-        content = read_text(text)
-        with contextlib.closing(open_model(model, n_ctx=ctx)) as loaded:
-            tokens = np.asarray(loaded.tokenize_text(content), dtype=np.int64)
-            bos_token = loaded.bos_token
-        available = count_chunks(len(tokens), ctx, None)
-        if chunks < 1 or first_chunk < 0 or first_chunk + chunks > available:
-            raise GatenormError(
-                f"{text}: has {available} chunks of {ctx} tokens; cannot take {chunks} from chunk {first_chunk}"
-            )
-        kept = tokens[first_chunk * ctx : (first_chunk + chunks) * ctx]
-        return cls(str(text), ctx, first_chunk, chunks, bos_token, kept)
-
-    def describe(self) -> dict[str, Any]:
-        return {"text": self.text, "ctx": self.ctx, "first_chunk": self.first_chunk, "chunks": self.chunks}
-
-
-class PrunedPerplexity:
-    """Calibration perplexity of the model with a set of attention sublayers removed, cached by that set.
-
-    Each set is written once to ``workdir`` with ``prune_gguf`` and evaluated in llama.cpp (flash attention
-    on) on the calibration chunks. ``seconds[key]`` keeps what each evaluation cost, so a criterion reusing
-    another's evaluations can still report what it would have cost alone.
-    """
-
-    def __init__(self, model: Path | str, calibration: TextChunks, workdir: Path, n_threads: int | None = None) -> None:
-        self.model = Path(model)
-        self.calibration = calibration
-        self.workdir = Path(workdir)
-        self.n_threads = n_threads
-        self.ppl: dict[frozenset[int], float] = {}
-        self.seconds: dict[frozenset[int], float] = {}
-        self.on_evaluated: Callable[[int], None] = lambda count: None  # told how many sets are evaluated so far
-
-    def __call__(self, layers: Iterable[int]) -> float:
-        key = frozenset(layers)
-        if key not in self.ppl:
-            started = time.perf_counter()
-            path = self.model
-            if key:
-                path = self.workdir / "calibration-candidate.gguf"
-                prune_gguf(self.model, path, sorted(key), force=True)
-            c = self.calibration
-            stats = NllStats()
-            with contextlib.closing(open_model(path, n_ctx=c.ctx, n_threads=self.n_threads)) as loaded:
-                for index in range(c.chunks):
-                    stats.add(token_nll(*chunk_logits(loaded, c.tokens, index, c.ctx)))
-            self.ppl[key] = stats.ppl
-            self.seconds[key] = time.perf_counter() - started
-            self.on_evaluated(len(self.ppl))
-        return self.ppl[key]
-
-    def cost(self, keys: Iterable[frozenset[int]]) -> float:
-        return sum(self.seconds[key] for key in set(keys))
 
 
 @dataclass
@@ -135,11 +63,6 @@ class CriterionResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def order_by_score(scores: Sequence[float | None]) -> list[int]:
-    """Layers 1..n-1 from lowest to highest score, ties by index."""
-    return sorted(range(1, len(scores)), key=lambda layer: (scores[layer], layer))
 
 
 def _head_grams(weights: np.ndarray, n_heads: int, along_rows: bool) -> np.ndarray:
@@ -203,12 +126,12 @@ def baseline_scores(n_layers: int, criterion: str, seed: int = 0) -> list[float 
     return [None] + [float(rank) for rank in ranks]
 
 
-def loo_scores(evaluate: PrunedPerplexity, n_layers: int) -> list[float | None]:
+def loo_scores(evaluate: PrunedEvaluator, n_layers: int) -> list[float | None]:
     """Calibration perplexity with each single attention sublayer 1..n-1 removed."""
     return [None] + [evaluate([layer]) for layer in range(1, n_layers)]
 
 
-def greedy_order(evaluate: PrunedPerplexity, n_layers: int, steps: int) -> tuple[list[int], list[frozenset[int]]]:
+def greedy_order(evaluate: PrunedEvaluator, n_layers: int, steps: int) -> tuple[list[int], list[frozenset[int]]]:
     """Greedy removal for ``steps`` steps; the rest ordered by the last step's perplexities. Also the sets evaluated.
 
     At most n-2 steps: llama.cpp needs one layer besides layer 0 with attention, so the last one stays last.
@@ -241,9 +164,7 @@ def cosine_scores(model: Path | str, calibration: TextChunks) -> list[float | No
     totals = np.zeros(n_layers)
     count = 0
     for index in range(calibration.chunks):
-        chunk = calibration.tokens[index * calibration.ctx : (index + 1) * calibration.ctx].copy()
-        if calibration.bos_token is not None:
-            chunk[0] = calibration.bos_token
+        chunk = bos_chunk(calibration.tokens, index, calibration.ctx, calibration.bos_token)
         for layer, x, y in attention_residuals(reference, chunk):
             cos = np.sum(x * y, axis=-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
             totals[layer] += float(np.sum(1.0 - cos))
@@ -264,7 +185,7 @@ def rank_layers(
     criterion: str,
     *,
     calibration: TextChunks | None = None,
-    evaluate: PrunedPerplexity | None = None,
+    evaluate: PrunedEvaluator | None = None,
     steps: int | None = None,
     seed: int = 0,
     n_threads: int | None = None,
@@ -282,23 +203,23 @@ def rank_layers(
         raise GatenormError(f"{model}: only {n_layers} layer; layer 0 cannot be pruned, so there is nothing to rank")
     if criterion in WEIGHT_CRITERIA:
         scores: list[float | None] = list(_weight_scores(model, criterion))
-        return CriterionResult(criterion, str(model), n_layers, scores, order_by_score(scores), time.perf_counter() - started)
+        return CriterionResult(criterion, str(model), n_layers, scores, prune_order(scores), time.perf_counter() - started)
     if criterion in BASELINES:
         scores = baseline_scores(n_layers, criterion, seed)
-        return CriterionResult(criterion, str(model), n_layers, scores, order_by_score(scores), time.perf_counter() - started)
+        return CriterionResult(criterion, str(model), n_layers, scores, prune_order(scores), time.perf_counter() - started)
     if evaluate is None and calibration is None:
         raise GatenormError(f"the {criterion} criterion needs a calibration text")
     if criterion == "cosine":
-        calibration = calibration or evaluate.calibration
+        calibration = calibration or evaluate.chunks
         scores = cosine_scores(model, calibration)
         elapsed = time.perf_counter() - started
         return CriterionResult(
-            criterion, str(model), n_layers, scores, order_by_score(scores), elapsed, 0, calibration.describe()
+            criterion, str(model), n_layers, scores, prune_order(scores), elapsed, 0, calibration.describe()
         )
     with contextlib.ExitStack() as stack:
         if evaluate is None:
             workdir = stack.enter_context(work_folder("calibration"))
-            evaluate = PrunedPerplexity(model, calibration, workdir, n_threads)
+            evaluate = PrunedEvaluator(model, calibration, workdir, n_threads)
         return _ppl_criterion(model, criterion, evaluate, n_layers, steps, started)
 
 
@@ -328,14 +249,14 @@ def choose_by_criterion(
 
 
 def _ppl_criterion(
-    model: Path | str, criterion: str, evaluate: PrunedPerplexity, n_layers: int, steps: int | None, started: float
+    model: Path | str, criterion: str, evaluate: PrunedEvaluator, n_layers: int, steps: int | None, started: float
 ) -> CriterionResult:
     """loo-ppl or greedy-ppl; ``seconds`` counts cached evaluations at what they cost when first run."""
-    before = set(evaluate.ppl)
+    before = set(evaluate.points)
     if criterion == "loo-ppl":
         scores = loo_scores(evaluate, n_layers)
         used = [frozenset([layer]) for layer in range(1, n_layers)]
-        order = order_by_score(scores)
+        order = prune_order(scores)
     else:
         order, used = greedy_order(evaluate, n_layers, n_layers - 1 if steps is None else steps)
         scores = [None] + [0.0] * (n_layers - 1)
@@ -344,7 +265,7 @@ def _ppl_criterion(
     reused = set(used) & before
     seconds = time.perf_counter() - started + evaluate.cost(reused)
     return CriterionResult(
-        criterion, str(model), n_layers, scores, order, seconds, len(set(used)), evaluate.calibration.describe()
+        criterion, str(model), n_layers, scores, order, seconds, len(set(used)), evaluate.chunks.describe()
     )
 
 
@@ -378,3 +299,72 @@ def spearman_vs(reference: CriterionResult, other: CriterionResult) -> float:
     layers = range(1, reference.n_layers)
     return spearman([other.scores[i] for i in layers], [reference.scores[i] for i in layers])
 
+
+# --------------------------------------------------------------------------------------------
+# The layer choice of `prune` (and of the demo, through its default)
+
+
+def parse_layers(text: str) -> list[int]:
+    """'12,20,25' -> [12, 20, 25]; anything else is a GatenormError."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.lstrip("-").isdigit() for item in items):
+        raise GatenormError(f"--layers must be comma-separated layer numbers like 12,20,25, not {text!r}")
+    return [int(item) for item in items]
+
+
+SELF = "self"
+
+
+def choose_layers(
+    model: Path,
+    layers: str | None,
+    count: int | None,
+    variant: str | None,
+    plan: Path | None,
+    criterion: str | None = None,
+    criterion_text: Path | None = None,
+    criterion_chunks: int = 1,
+) -> tuple[list[int] | None, dict[str, str]]:
+    """The layers to prune and the provenance that explains how they were chosen.
+
+    ``None`` layers mean the self-calibrated choice (``--criterion self``, the default for ``--count``),
+    which ``selfprune`` makes together with the patches.
+    """
+    modes = [name for name, given in (("--layers", layers), ("--count", count), ("--plan", plan)) if given is not None]
+    if modes not in (["--layers"], ["--count"], ["--plan"], ["--count", "--plan"]):
+        raise GatenormError("give exactly one of --layers, --count or --plan (--count may go with --plan)")
+    if layers is not None:
+        if criterion is not None or variant is not None:
+            raise GatenormError("--criterion or --variant chooses the --count layers; it does not go with --layers")
+        return parse_layers(layers), {"selection": "layers"}
+    if count is None:
+        raise GatenormError("--plan needs --count K: how many of the plan's lowest-scored layers to remove")
+    if criterion is not None and (plan is not None or variant is not None):
+        raise GatenormError("--criterion, --variant and --plan are three ways to choose layers: give one")
+    if criterion is None and variant is None and plan is None or criterion == SELF:
+        return None, {}
+    if criterion is not None and criterion not in VARIANTS:
+        ranking = choose_by_criterion(model, criterion, count, calib_text=criterion_text, calib_chunks=criterion_chunks)
+        chosen = ranking.prune_order[:count]
+        return chosen, {
+            "selection": f"criterion {criterion}",
+            "scores": json.dumps({str(layer): ranking.scores[layer] for layer in chosen}),
+        }
+    if plan is not None:
+        report = ScoreReport.from_json(plan)
+        n_layers = gguf_geometry(model).n_layers
+        if report.n_layers != n_layers:
+            raise GatenormError(f"{plan} scores a {report.n_layers}-layer model, but {model} has {n_layers} layers")
+        selection = f"plan {plan.name}"
+    else:
+        report = score_model(model, variant=criterion or variant or "per-head", progress=True)
+        selection = "score"
+    if not 1 <= count <= len(report.prune_order):
+        raise GatenormError(f"--count must be between 1 and {len(report.prune_order)}, not {count}")
+    chosen = report.prune_order[:count]
+    scores = {entry.layer: entry.score for entry in report.layers}
+    return chosen, {
+        "selection": selection,
+        "variant": report.variant,
+        "scores": json.dumps({str(layer): scores.get(layer) for layer in chosen}),
+    }

@@ -32,7 +32,7 @@ from .fileio import work_folder
 from .harness.model import open_model
 from .harness.perplexity import count_chunks, perplexity
 from .progress import progress_bar
-from .harness.text import read_text
+from .harness.text import bos_chunk, read_text
 from .reference import ReferenceModel, rms_norm
 from .rewrite import PruneResult, check_output_path, prune_gguf
 from .rewrite_plan import LinearMaps, plan_rewrite
@@ -118,11 +118,7 @@ def calibration_sequences(model_path: Path, text: Path, n_tokens: int, seq_len: 
             f"{text}: {len(tokens)} tokens, calibration needs {n_seq * seq_len} ({n_seq} x {seq_len}); "
             "give a longer text or fewer --calib-tokens"
         )
-    sequences = [tokens[i * seq_len : (i + 1) * seq_len].copy() for i in range(n_seq)]
-    if bos is not None:
-        for sequence in sequences:
-            sequence[0] = bos
-    return sequences
+    return [bos_chunk(tokens, i, seq_len, bos) for i in range(n_seq)]
 
 
 def ridge_solve(gram: np.ndarray, cross: np.ndarray, ridge: float) -> np.ndarray:

@@ -20,17 +20,17 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.progress import track
 from threadpoolctl import threadpool_limits
 
 from .errors import GatenormError
+from .progress import progress_bar
 from .sources import open_source
 
 VARIANTS = ("per-head", "full", "folded")
@@ -203,8 +203,9 @@ class ScoreReport:
         return cls.from_dict(data, str(path))
 
 
-def prune_order(scores: list[float]) -> list[int]:
-    """Layers from least to most coupled (ties by index); layer 0 is never listed."""
+def prune_order(scores: Sequence[float | None]) -> list[int]:
+    """Layers 1..n-1 from the lowest score to the highest, ties by index (layer 0 is never listed; a
+    criterion leaves it None)."""
     return sorted(range(1, len(scores)), key=lambda layer: (scores[layer], layer))
 
 
@@ -216,23 +217,18 @@ def score_model(path: Path | str, variant: str = "per-head", progress: bool = Fa
     source = open_source(path)
     geometry = source.geometry
     scores = []
-    layers = track(
-        range(geometry.n_layers),
-        description=f"scoring ({variant})",
-        console=Console(stderr=True),
-        disable=not progress,
-        transient=True,
-    )
     # Per-head work is many small matrix products: run them side by side on our threads, each
     # single-threaded in BLAS (BLAS threads inside a small product are slower, and spin badly when the
     # cores are busy). ``full`` is one large product per layer: BLAS keeps its own threads.
     blas_threads = None if variant == "full" else 1
-    with threadpool_limits(limits=blas_threads, user_api="blas"), ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        for layer in layers:
+    bar = progress_bar(f"scoring ({variant})", geometry.n_layers, progress)
+    with threadpool_limits(limits=blas_threads, user_api="blas"), ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool, bar as tick:
+        for layer in range(geometry.n_layers):
             attention = source.attention(layer, with_norm_gain=variant == "folded")
             scores.append(
                 score_layer(attention.q, attention.k, source.n_head, source.n_head_kv, variant, attention.norm_gain, pool)
             )
+            tick()
     return ScoreReport(
         model=str(path),
         architecture=source.architecture.name,

@@ -36,7 +36,7 @@ import numpy as np
 
 from .errors import GatenormError
 from .harness.model import LoadedModel, open_model
-from .harness.perplexity import log_softmax, row_blocks
+from .harness.logprobs import log_softmax, row_blocks
 from .harness.probe import StreamEdits, StreamProbe
 from .progress import Ticker, progress_bar
 from .harness.selfcal import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, Calibration, self_calibration, text_calibration

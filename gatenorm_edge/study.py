@@ -12,7 +12,6 @@ Data-driven criteria are calibrated on other tokens than the evaluation: by defa
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -23,34 +22,18 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from .criteria import CRITERIA, DATA_DRIVEN, CriterionResult, PrunedPerplexity, TextChunks, rank_layers, spearman_vs
+from .criteria import CRITERIA, DATA_DRIVEN, CriterionResult, rank_layers, spearman_vs
+from .evaluation import EvalPoint, PrunedEvaluator, TextChunks
 from .errors import GatenormError
 from .fileio import work_folder
-from .harness.kld import DivergenceTotals, stderr_of_mean, token_divergence
-from .harness.model import open_model
-from .harness.perplexity import NllStats, chunk_logits, token_nll
 from .progress import progress_bar
 from .report import require_matplotlib, save_figure
-from .rewrite import prune_gguf
 from .sources.geometry import gguf_geometry
 
 DEFAULT_CRITERION = "per-head"  # what `prune --count` uses: the one held to the 10% bar
 ORACLE = "greedy-ppl"
 RANK_REFERENCE = "loo-ppl"
 BAR = 0.10
-
-
-@dataclass
-class EvalPoint:
-    """One pruned model on the evaluation chunks."""
-
-    k: int
-    layers: list[int]
-    ppl: float
-    ppl_stderr: float
-    kld: float
-    kld_stderr: float
-    top1_agreement: float
 
 
 @dataclass
@@ -89,51 +72,6 @@ class StudyResult:
 
     def criterion(self, name: str) -> CriterionStudy | None:
         return next((study for study in self.criteria if study.ranking.criterion == name), None)
-
-
-class PrunedEvaluation:
-    """PPL and KLD (from the base model) of pruned variants on fixed evaluation chunks, cached by layer set."""
-
-    def __init__(self, model: Path, chunks: TextChunks, workdir: Path, n_threads: int | None = None) -> None:
-        self.model = model
-        self.chunks = chunks
-        self.workdir = workdir
-        self.n_threads = n_threads
-        self.cache: dict[frozenset[int], EvalPoint] = {}
-        c = chunks
-        with contextlib.closing(open_model(model, n_ctx=c.ctx, n_threads=n_threads)) as base:
-            rows = c.ctx - c.ctx // 2 - 1
-            self.base_logits = np.lib.format.open_memmap(
-                workdir / "base-logits.npy", mode="w+", dtype=np.float32, shape=(c.chunks, rows, base.vocab_size)
-            )
-            self.base_stats = NllStats()
-            for index in range(c.chunks):
-                logits, targets = chunk_logits(base, c.tokens, index, c.ctx)
-                self.base_logits[index] = logits
-                self.base_stats.add(token_nll(logits, targets))
-
-    def __call__(self, layers: Sequence[int]) -> EvalPoint:
-        key = frozenset(layers)
-        if key not in self.cache:
-            path = self.workdir / "evaluated.gguf"
-            prune_gguf(self.model, path, sorted(key), force=True)
-            c = self.chunks
-            totals = DivergenceTotals()
-            with contextlib.closing(open_model(path, n_ctx=c.ctx, n_threads=self.n_threads)) as pruned:
-                for index in range(c.chunks):
-                    logits, targets = chunk_logits(pruned, c.tokens, index, c.ctx)
-                    totals.add(token_divergence(self.base_logits[index], logits, targets))
-            values = totals.kld()
-            self.cache[key] = EvalPoint(
-                k=len(key),
-                layers=sorted(key),
-                ppl=totals.other.ppl,
-                ppl_stderr=totals.other.ppl_stderr,
-                kld=float(values.mean()),
-                kld_stderr=stderr_of_mean(values),
-                top1_agreement=totals.top1_agreement,
-            )
-        return self.cache[key]
 
 
 def _check_request(model: Path, counts: Sequence[int], criteria: Sequence[str]) -> int:
@@ -182,7 +120,7 @@ def run_study(
         calibration = None
         if any(name in DATA_DRIVEN for name in criteria):
             calibration = TextChunks.from_text(model, calib_text or text, calib_ctx, calib_chunks)
-        calibrate = PrunedPerplexity(model, calibration, workdir, n_threads) if calibration else None
+        calibrate = PrunedEvaluator(model, calibration, workdir, n_threads) if calibration else None
         rankings: dict[str, CriterionResult] = {}
         # loo-ppl first: greedy-ppl's first step reuses its evaluations (and reports their cost as its own).
         for name in sorted(criteria, key=lambda name: name != "loo-ppl"):
@@ -196,18 +134,18 @@ def run_study(
                 )
             console.print(f"{name}: {rankings[name].seconds:.2f} s, order {rankings[name].prune_order[: max(counts)]}")
         with console.status("evaluating the base model"):
-            evaluate = PrunedEvaluation(model, evaluation, workdir, n_threads)
+            evaluate = PrunedEvaluator(model, evaluation, workdir, n_threads, divergence=True)
         wanted = {frozenset(rankings[name].prune_order[:k]) for name in criteria for k in counts}
         with progress_bar("evaluating pruned models", len(wanted), progress) as tick:
             for layers in sorted(wanted, key=lambda s: (len(s), sorted(s))):
-                point = evaluate(sorted(layers))
+                point = evaluate.point(sorted(layers))
                 tick(status=f"k={point.k} PPL {point.ppl:.3f}")
         reference = rankings.get(RANK_REFERENCE)
         studies = [
             CriterionStudy(
                 ranking=rankings[name],
                 spearman_vs_loo_ppl=spearman_vs(reference, rankings[name]) if reference else None,
-                points=[evaluate(rankings[name].prune_order[:k]) for k in counts],
+                points=[evaluate.point(rankings[name].prune_order[:k]) for k in counts],
             )
             for name in criteria
         ]
@@ -221,7 +159,7 @@ def run_study(
         evaluation={**evaluation.describe(), "tokens_scored": evaluate.base_stats.count},
         base_ppl=evaluate.base_stats.ppl,
         base_ppl_stderr=evaluate.base_stats.ppl_stderr,
-        models_evaluated=len(evaluate.cache),
+        models_evaluated=len(evaluate.points),
         criteria=studies,
         seconds=time.perf_counter() - started,
     )

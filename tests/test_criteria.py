@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gatenorm_edge.evaluation import PrunedEvaluator, TextChunks
 from gatenorm_edge.criteria import (
     BASELINES,
-    PrunedPerplexity,
-    TextChunks,
     average_ranks,
     baseline_scores,
     ov_score,
@@ -35,8 +34,8 @@ def calibration(stories260k: Path, tinystories: Path) -> TextChunks:
 
 
 @pytest.fixture(scope="module")
-def evaluate(stories260k: Path, calibration: TextChunks, tmp_path_factory: pytest.TempPathFactory) -> PrunedPerplexity:
-    return PrunedPerplexity(stories260k, calibration, tmp_path_factory.mktemp("calibration"), n_threads=1)
+def evaluate(stories260k: Path, calibration: TextChunks, tmp_path_factory: pytest.TempPathFactory) -> PrunedEvaluator:
+    return PrunedEvaluator(stories260k, calibration, tmp_path_factory.mktemp("calibration"), n_threads=1)
 
 
 def test_spearman_matches_hand_computations() -> None:
@@ -105,7 +104,7 @@ def test_ov_and_qk_ov_on_a_real_model(stories260k: Path) -> None:
 
 @pytest.mark.slow
 def test_loo_ppl_is_the_harness_perplexity_of_each_pruned_model(
-    stories260k: Path, tinystories: Path, evaluate: PrunedPerplexity, tmp_path: Path
+    stories260k: Path, tinystories: Path, evaluate: PrunedEvaluator, tmp_path: Path
 ) -> None:
     result = rank_layers(stories260k, "loo-ppl", evaluate=evaluate)
     assert result.scores[0] is None and result.evaluations == 4
@@ -119,7 +118,7 @@ def test_loo_ppl_is_the_harness_perplexity_of_each_pruned_model(
 
 @pytest.mark.slow
 def test_greedy_ppl_picks_the_least_harmful_layer_at_each_step(
-    stories260k: Path, tinystories: Path, evaluate: PrunedPerplexity, tmp_path: Path
+    stories260k: Path, tinystories: Path, evaluate: PrunedEvaluator, tmp_path: Path
 ) -> None:
     loo = rank_layers(stories260k, "loo-ppl", evaluate=evaluate)
     greedy = rank_layers(stories260k, "greedy-ppl", evaluate=evaluate)
@@ -136,7 +135,7 @@ def test_greedy_ppl_picks_the_least_harmful_layer_at_each_step(
     assert greedy.scores[1:] == [float(greedy.prune_order.index(layer) + 1) for layer in range(1, 5)]
 
 
-def test_greedy_steps_stop_early_and_rank_the_rest(stories260k: Path, evaluate: PrunedPerplexity) -> None:
+def test_greedy_steps_stop_early_and_rank_the_rest(stories260k: Path, evaluate: PrunedEvaluator) -> None:
     one_step = rank_layers(stories260k, "greedy-ppl", evaluate=evaluate, steps=1)
     loo = rank_layers(stories260k, "loo-ppl", evaluate=evaluate)
     # After one step the others follow the second-step perplexities of {first, other}... which were not

@@ -352,3 +352,26 @@ def test_hf_checkpoint_logits_match_transformers(tmp_path: Path, arch: str) -> N
     assert report["selection"]["method"] == "gatenorm"  # the default order for a real checkpoint
     order = report["selection"]["prune_order"]
     assert [c["layers"] for c in report["configs"]] == [[], order[:1], sorted(order[:2])]
+
+
+HF_CONFIGS = [
+    {"num_hidden_layers": 40, "hidden_size": 5120, "num_attention_heads": 40},  # LLaMA-2-13B: MHA
+    {"num_hidden_layers": 28, "hidden_size": 1536, "num_attention_heads": 12, "num_key_value_heads": 2},  # qwen2.5-1.5b
+    {"num_hidden_layers": 36, "hidden_size": 2560, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128},
+]
+
+
+@pytest.mark.parametrize("config", HF_CONFIGS)
+def test_the_standalone_shape_reads_configs_as_the_package_does(config: dict) -> None:
+    """The GPU script stays free of the package; its reading of an HF config must equal ModelGeometry's."""
+    from types import SimpleNamespace
+
+    from gatenorm_edge.sources.geometry import ModelGeometry
+
+    extra = {"intermediate_size": 4 * config["hidden_size"], "vocab_size": 32000, "rms_norm_eps": 1e-5}
+    shape = tool.shape_from_hf_config(SimpleNamespace(**{"num_key_value_heads": None, "head_dim": None, **config, **extra}))
+    geometry = ModelGeometry.from_hf_config(config, "llama", "config.json")
+    assert (shape.n_layers, shape.dim, shape.n_heads, shape.n_kv_heads, shape.hd) == (
+        geometry.n_layers, geometry.n_embd, geometry.head_count[0], geometry.head_count_kv[0], geometry.head_dim
+    )
+    assert (shape.q_dim, shape.kv_dim) == (geometry.head_count[0] * geometry.head_dim, geometry.head_count_kv[0] * geometry.head_dim)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from gatenorm_edge.criteria import CRITERIA, CriterionResult, TextChunks
+from gatenorm_edge.criteria import CRITERIA, CriterionResult
 from gatenorm_edge.harness.kld import kl_divergence
 from gatenorm_edge.rewrite import prune_gguf
-from gatenorm_edge.study import CriterionStudy, EvalPoint, PrunedEvaluation, StudyResult, markdown
+from gatenorm_edge.evaluation import EvalPoint, PrunedEvaluator, TextChunks
+from gatenorm_edge.study import CriterionStudy, StudyResult, markdown
 from cli_helpers import run_cli
 
 
@@ -51,8 +52,8 @@ def test_study_runs_from_one_command(stories260k: Path, tinystories: Path, tmp_p
 @pytest.mark.slow
 def test_evaluation_equals_the_harness_kl_divergence(stories260k: Path, tinystories: Path, tmp_path: Path) -> None:
     chunks = TextChunks.from_text(stories260k, tinystories, 128, 3)
-    evaluate = PrunedEvaluation(stories260k, chunks, tmp_path, n_threads=1)
-    point = evaluate([2, 4])
+    evaluate = PrunedEvaluator(stories260k, chunks, tmp_path, n_threads=1, divergence=True)
+    point = evaluate.point([2, 4])
     pruned = tmp_path / "pruned.gguf"
     prune_gguf(stories260k, pruned, [2, 4])
     expected = kl_divergence(stories260k, pruned, tinystories, ctx=128, chunks=3, n_threads=1)
@@ -62,7 +63,7 @@ def test_evaluation_equals_the_harness_kl_divergence(stories260k: Path, tinystor
     assert point.kld == pytest.approx(expected.kld_mean, rel=1e-9)
     assert point.kld_stderr == pytest.approx(expected.kld_stderr, rel=1e-9)
     assert point.top1_agreement == pytest.approx(expected.top1_agreement)
-    assert evaluate([4, 2]) is point  # cached by layer set
+    assert evaluate.point([4, 2]) is point  # cached by layer set
 
 
 def _study(name: str, ppls: list[float]) -> CriterionStudy:

@@ -130,7 +130,7 @@ def test_study_interrupted_leaves_no_report_and_no_work_folder(
     process = start(
         ["study", stories260k, "--text", tinystories, "--criteria", "per-head,last", "--counts", "1,2", "--ctx", "64",
          "--chunks", "2", "--threads", "1", "--json", report],
-        slowed("gatenorm_edge.study:prune_gguf", 2.0, marker, after=True), env={"TMPDIR": str(scratch)},
+        slowed("gatenorm_edge.evaluation:prune_gguf", 2.0, marker, after=True), env={"TMPDIR": str(scratch)},
     )
     wait_for(marker, process)
     assert any(scratch.iterdir())  # a pruned model sits in the study's work folder
@@ -143,7 +143,7 @@ def test_a_killed_study_work_folder_is_removed_by_the_next_run(stories260k: Path
     scratch.mkdir()
     args = ["study", stories260k, "--text", tinystories, "--criteria", "last", "--counts", "1", "--ctx", "64",
             "--chunks", "2", "--threads", "1"]
-    process = start(args, slowed("gatenorm_edge.study:prune_gguf", 5.0, marker, after=True), env={"TMPDIR": str(scratch)})
+    process = start(args, slowed("gatenorm_edge.evaluation:prune_gguf", 5.0, marker, after=True), env={"TMPDIR": str(scratch)})
     wait_for(marker, process)
     interrupt(process, signal.SIGKILL)
     (left,) = scratch.iterdir()

@@ -20,6 +20,7 @@ import pytest
 
 from gatenorm_edge.errors import GatenormError
 from gatenorm_edge.harness import zeroshot as zs
+from gatenorm_edge.harness.logprobs import stderr_of_mean
 from gatenorm_edge.harness.model import open_model
 from cli_helpers import run_cli
 
@@ -96,8 +97,8 @@ def test_token_boundary_moves_trailing_space_to_the_continuation() -> None:
 
 
 def test_stderr_and_argmax_as_lm_eval() -> None:
-    assert zs.mean_stderr([1.0, 0.0, 1.0, 1.0]) == pytest.approx(np.std([1, 0, 1, 1], ddof=1) / 2)
-    assert zs.mean_stderr([1.0]) is None
+    assert stderr_of_mean([1.0, 0.0, 1.0, 1.0]) == pytest.approx(np.std([1, 0, 1, 1], ddof=1) / 2)
+    assert stderr_of_mean([1.0]) is None
     assert zs.is_correct([-10.0, -12.0], 0) and not zs.is_correct([-10.0, -12.0], 0, lengths=[2, 12])
     assert zs.is_correct([-5.0, -5.0], 0)  # ties go to the first choice, as np.argmax
 

@@ -92,6 +92,15 @@ class Shape:
         return self.n_kv_heads * self.hd
 
 
+def shape_from_hf_config(config: object, rope_theta: float = 10000.0) -> Shape:
+    """The decoder shape an HF config describes (``tests`` hold it equal to the package's ModelGeometry)."""
+    return Shape(n_layers=config.num_hidden_layers, dim=config.hidden_size, n_heads=config.num_attention_heads,
+                 n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                 ffn=config.intermediate_size, vocab=config.vocab_size,
+                 head_dim=getattr(config, "head_dim", None) or 0, norm_eps=config.rms_norm_eps,
+                 rope_theta=rope_theta)
+
+
 LLAMA_13B = Shape(n_layers=40, dim=5120, n_heads=40, n_kv_heads=40, ffn=13824, vocab=32000)
 TINY = Shape(n_layers=6, dim=128, n_heads=4, n_kv_heads=2, ffn=352, vocab=512)
 
@@ -269,11 +278,7 @@ def hf_decoder(path: Path, device: torch.device, dtype: torch.dtype) -> Decoder:
     scaling = getattr(config, "rope_scaling", None) or rope
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
         print(f"note: {path}: RoPE scaling is not modelled (throughput is unaffected)", file=sys.stderr)
-    shape = Shape(n_layers=config.num_hidden_layers, dim=config.hidden_size, n_heads=config.num_attention_heads,
-                  n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                  ffn=config.intermediate_size, vocab=config.vocab_size,
-                  head_dim=getattr(config, "head_dim", None) or 0, norm_eps=config.rms_norm_eps,
-                  rope_theta=float(theta))
+    shape = shape_from_hf_config(config, float(theta))
     dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, low_cpu_mem_usage=True, **{dtype_arg: dtype})
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gatenorm_edge.criteria import TextChunks
-from gatenorm_edge.study import PrunedEvaluation
+from gatenorm_edge.evaluation import PrunedEvaluator, TextChunks
 
 
 def main() -> None:
@@ -38,11 +37,11 @@ def main() -> None:
     model = Path(study["model"])
     chunks = TextChunks.from_text(model, ev["text"], ev["ctx"], ev["chunks"], ev["first_chunk"])
     with tempfile.TemporaryDirectory(prefix="gatenorm-veto-") as folder:
-        evaluate = PrunedEvaluation(model, chunks, Path(folder), args.threads)
+        evaluate = PrunedEvaluator(model, chunks, Path(folder), args.threads, divergence=True)
         for name in args.criteria.split(","):
             order = [layer for layer in by_name[name]["prune_order"] if layer not in vetoed]
             for k in (int(part) for part in args.counts.split(",")):
-                point = evaluate(order[:k])
+                point = evaluate.point(order[:k])
                 print(json.dumps({"criterion": f"{name}+veto", "k": k, "layers": point.layers, "ppl": point.ppl, "kld": point.kld}))
 
 

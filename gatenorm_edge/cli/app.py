@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 
 import typer
@@ -32,6 +33,14 @@ def fail(message: str) -> None:
     """Print ``error: message`` on stderr and exit with status 2."""
     typer.echo(f"error: {message}", err=True)
     raise SystemExit(2)
+
+
+def check_output_folders(*paths: Path | None) -> None:
+    """The one check on report outputs (``--json``, ``--md``, ``--plot``): each given path's folder exists,
+    so a long run never ends unable to write what it measured."""
+    for path in paths:
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise GatenormError(f"{path}: the folder it would go in does not exist")
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

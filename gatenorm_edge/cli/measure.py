@@ -12,15 +12,9 @@ from ..harness.perplexity import perplexity
 from ..harness.speed import BenchSettings, bench as bench_models
 from ..harness.zeroshot import default_data_dir, load_task, parse_tasks, zeroshot_markdown_rows, zeroshot_table
 from ..report import bench_markdown, compare_markdown, markdown_table, perplexity_markdown, write_json, write_markdown
-from .app import app
+from .app import app, check_output_folders
 
 FLASH_HELP = "Flash attention (default on, as llama-perplexity on CPU; off pads every layer's V cache to the widest)."
-
-
-def _output_path(path: Path | None) -> Path | None:
-    if path is not None and not path.resolve().parent.is_dir():
-        raise GatenormError(f"{path}: the folder it would go in does not exist")
-    return path
 
 
 def _depths(text: str) -> tuple[int, ...]:
@@ -53,7 +47,7 @@ def ppl(
 
       gatenorm-edge ppl pruned.gguf --text wiki.test.raw --ctx 512 --chunks 20 --json ppl.json
     """
-    _output_path(json_path)
+    check_output_folders(json_path)
     result = perplexity(model, text, ctx=ctx, chunks=chunks, progress=True, flash_attn=flash_attn, n_threads=threads)
     typer.echo(perplexity_markdown(result.to_dict()))
     if json_path is not None:
@@ -83,7 +77,7 @@ def bench(
 
       gatenorm-edge bench base.gguf --vs pruned.gguf --depth 0,4096 --reps 5 --json speed.json
     """
-    _output_path(json_path)
+    check_output_folders(json_path)
     settings = BenchSettings(
         prompt=prompt, gen=gen, depths=_depths(depth), reps=reps, threads=threads, flash_attn=flash_attn
     )
@@ -126,8 +120,7 @@ def compare(
 
       gatenorm-edge compare base.gguf pruned.gguf --text wiki.test.raw --zeroshot arc_easy,piqa --limit 200
     """
-    _output_path(md_path)
-    _output_path(json_path)
+    check_output_folders(md_path, json_path)
     if zeroshot is not None:  # check tasks, data and --limit before the long runs
         for task in parse_tasks(zeroshot):
             load_task(task, default_data_dir(), limit)

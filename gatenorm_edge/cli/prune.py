@@ -8,84 +8,14 @@ from typing import Any, Optional
 
 import typer
 
-from ..criteria import CRITERIA, choose_by_criterion
+from ..criteria import CRITERIA, choose_layers
 from ..errors import GatenormError
 from ..fileio import write_text_atomic
 from ..recovery import AUTO, DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, check_recovery_options, prune_with_recovery
-from ..scoring import VARIANTS
 from ..selfprune import self_prune
 from ..report import ATTENTION_COST_LABELS, attention_layer_kinds, markdown_table
 from ..inspection import inspect_gguf
-from ..sources.geometry import gguf_geometry
-from .app import app
-
-
-def parse_layers(text: str) -> list[int]:
-    """'12,20,25' -> [12, 20, 25]; anything else is a GatenormError."""
-    items = [item.strip() for item in text.split(",")]
-    if not all(item.lstrip("-").isdigit() for item in items):
-        raise GatenormError(f"--layers must be comma-separated layer numbers like 12,20,25, not {text!r}")
-    return [int(item) for item in items]
-
-
-SELF = "self"
-
-
-def choose_layers(
-    model: Path,
-    layers: Optional[str],
-    count: Optional[int],
-    variant: Optional[str],
-    plan: Optional[Path],
-    criterion: Optional[str] = None,
-    criterion_text: Optional[Path] = None,
-    criterion_chunks: int = 1,
-) -> tuple[list[int] | None, dict[str, str]]:
-    """The layers to prune and the provenance that explains how they were chosen.
-
-    ``None`` layers mean the self-calibrated choice (``--criterion self``, the default for ``--count``),
-    which ``selfprune`` makes together with the patches.
-    """
-    modes = [name for name, given in (("--layers", layers), ("--count", count), ("--plan", plan)) if given is not None]
-    if modes not in (["--layers"], ["--count"], ["--plan"], ["--count", "--plan"]):
-        raise GatenormError("give exactly one of --layers, --count or --plan (--count may go with --plan)")
-    if layers is not None:
-        if criterion is not None or variant is not None:
-            raise GatenormError("--criterion or --variant chooses the --count layers; it does not go with --layers")
-        return parse_layers(layers), {"selection": "layers"}
-    if count is None:
-        raise GatenormError("--plan needs --count K: how many of the plan's lowest-scored layers to remove")
-    if criterion is not None and (plan is not None or variant is not None):
-        raise GatenormError("--criterion, --variant and --plan are three ways to choose layers: give one")
-    if criterion is None and variant is None and plan is None or criterion == SELF:
-        return None, {}
-    if criterion is not None and criterion not in VARIANTS:
-        ranking = choose_by_criterion(model, criterion, count, calib_text=criterion_text, calib_chunks=criterion_chunks)
-        chosen = ranking.prune_order[:count]
-        return chosen, {
-            "selection": f"criterion {criterion}",
-            "scores": json.dumps({str(layer): ranking.scores[layer] for layer in chosen}),
-        }
-    from ..scoring import ScoreReport, score_model
-
-    if plan is not None:
-        report = ScoreReport.from_json(plan)
-        n_layers = gguf_geometry(model).n_layers
-        if report.n_layers != n_layers:
-            raise GatenormError(f"{plan} scores a {report.n_layers}-layer model, but {model} has {n_layers} layers")
-        selection = f"plan {plan.name}"
-    else:
-        report = score_model(model, variant=criterion or variant or "per-head", progress=True)
-        selection = "score"
-    if not 1 <= count <= len(report.prune_order):
-        raise GatenormError(f"--count must be between 1 and {len(report.prune_order)}, not {count}")
-    chosen = report.prune_order[:count]
-    scores = {entry.layer: entry.score for entry in report.layers}
-    return chosen, {
-        "selection": selection,
-        "variant": report.variant,
-        "scores": json.dumps({str(layer): scores.get(layer) for layer in chosen}),
-    }
+from .app import app, check_output_folders
 
 
 def _mb(n_bytes: int) -> str:
@@ -155,6 +85,7 @@ def prune(
     Patched layers become deci linear attention (x + W·attn_norm(x), one n_embd x n_embd matrix per
     layer, no KV cache); the others are attention-free.
     """
+    check_output_folders(json_path)
     chosen, provenance = choose_layers(model, layers, count, variant, plan, criterion, criterion_text, criterion_chunks)
     mode = mode or (AUTO if chosen is None else "drop")
     check_recovery_options(mode, alpha, alpha_search, calib)

@@ -7,18 +7,12 @@ from pathlib import Path
 
 import typer
 
-from ..errors import GatenormError
 from ..fileio import write_text_atomic
 from ..report import prune_order_line, require_matplotlib, save_score_plot, score_markdown
 from ..scoring import VARIANTS, score_model
-from .app import app
+from .app import app, check_output_folders
 
 Variant = Enum("Variant", [(name, name) for name in VARIANTS], type=str)
-
-
-def _check_output_folder(path: Path | None) -> None:
-    if path is not None and not path.resolve().parent.is_dir():
-        raise GatenormError(f"{path}: the folder it would go in does not exist")
 
 
 @app.command()
@@ -47,8 +41,7 @@ def score(
 
       gatenorm-edge score ./Llama-2-13b-hf --variant folded --plot scores.png
     """
-    _check_output_folder(json_path)
-    _check_output_folder(plot)
+    check_output_folders(json_path, plot)
     if plot is not None:
         require_matplotlib()
     report = score_model(model, variant=variant.value, progress=True)

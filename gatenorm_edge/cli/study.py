@@ -12,7 +12,7 @@ from ..errors import GatenormError
 from ..fileio import write_text_atomic
 from ..report import require_matplotlib
 from ..study import markdown, run_study, save_plots
-from .app import app
+from .app import app, check_output_folders
 
 
 def parse_ints(option: str, text: str) -> list[int]:
@@ -51,8 +51,7 @@ def study(
 
     Ranks the layers by every criterion (data-driven ones on calibration chunks), removes each criterion's first k layers for every k (prune_gguf into a temporary folder) and evaluates the pruned model in llama.cpp with flash attention on: perplexity (llama-perplexity's method) and KL divergence from the base model, on the same chunks. Also prints each criterion's scoring time, its Spearman rho against loo-ppl, and each data-free criterion's PPL relative to greedy-ppl. See docs/study.md.
     """
-    if json_path is not None and not json_path.resolve().parent.is_dir():
-        raise GatenormError(f"{json_path}: the folder it would go in does not exist")
+    check_output_folders(json_path)
     if plot is not None:
         if not plot.is_dir():
             raise GatenormError(f"{plot}: no such folder (--plot takes a folder)")

@@ -11,7 +11,7 @@ import typer
 from ..errors import GatenormError
 from ..fileio import write_text_atomic
 from ..harness.zeroshot import TASKS, evaluate
-from .app import app
+from .app import app, check_output_folders
 
 ALL_TASKS = ",".join(TASKS)
 
@@ -41,8 +41,7 @@ def zeroshot(
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help="Flash attention (default on)."),
 ) -> None:
     """Zero-shot accuracy (acc, acc_norm ± stderr) on BoolQ, RTE, HellaSwag, WinoGrande, ARC, OpenBookQA, PIQA."""
-    if json_path is not None and not json_path.resolve().parent.is_dir():
-        raise GatenormError(f"{json_path}: the folder it would go in does not exist")
+    check_output_folders(json_path)
     if threads is not None and threads < 1:
         raise GatenormError(f"--threads must be at least 1, got {threads}")
     report = evaluate(

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GatenormError
-from .perplexity import NllStats, PerplexityResult, chunk_logits, count_chunks, log_softmax, row_blocks
+from .logprobs import log_softmax, row_blocks, stderr_of_mean
+from .perplexity import NllStats, PerplexityResult, chunk_logits, count_chunks
 from .model import open_model
 from ..progress import progress_bar
 from .text import read_text
@@ -77,11 +78,6 @@ class DivergenceTotals:
     @property
     def top1_agreement(self) -> float:
         return self.same_top / self.other.count
-
-
-def stderr_of_mean(values: np.ndarray) -> float:
-    """Standard error of the mean (0 for fewer than two values)."""
-    return float(values.std() / np.sqrt(values.size - 1)) if values.size > 1 else 0.0
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,9 +19,10 @@ import numpy as np
 from ..errors import GatenormError
 from .model import LoadedModel, open_model
 from ..progress import progress_bar
+from .logprobs import token_nll
+from .text import bos_chunk
 from .text import read_text
 
-ROWS_PER_BLOCK = 32  # log-softmax this many rows at a time: float64 work stays a few MB per block
 MIN_CTX = 8
 
 
@@ -101,34 +101,11 @@ def count_chunks(n_tokens: int, ctx: int, requested: int | None) -> int:
 def chunk_logits(model: LoadedModel, tokens: np.ndarray, index: int, ctx: int) -> tuple[np.ndarray, np.ndarray]:
     """Logits of chunk ``index``'s scored half and the tokens they predict (rows x vocab, rows)."""
     start = index * ctx
-    chunk = tokens[start : start + ctx].copy()
-    if model.bos_token is not None:
-        chunk[0] = model.bos_token
+    chunk = bos_chunk(tokens, index, ctx, model.bos_token)
     first = ctx // 2
     model.clear()
     logits = model.logits(chunk, output_from=first)[:-1]
     return logits, tokens[start + first + 1 : start + ctx]
-
-
-def row_blocks(n_rows: int) -> Iterator[slice]:
-    for low in range(0, n_rows, ROWS_PER_BLOCK):
-        yield slice(low, min(low + ROWS_PER_BLOCK, n_rows))
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-probabilities in float64."""
-    values = logits.astype(np.float64)
-    peak = values.max(axis=-1, keepdims=True)
-    return values - peak - np.log(np.exp(values - peak).sum(axis=-1, keepdims=True))
-
-
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood of each target token under its row of logits (float64)."""
-    nll = np.empty(len(targets), dtype=np.float64)
-    for rows in row_blocks(len(targets)):
-        log_probs = log_softmax(logits[rows])
-        nll[rows] = -log_probs[np.arange(log_probs.shape[0]), targets[rows]]
-    return nll
 
 
 def perplexity(

@@ -1,8 +1,10 @@
-"""Evaluation texts: read a UTF-8 file as llama-perplexity does."""
+"""Evaluation texts: read a UTF-8 file and cut its tokens into chunks, as llama-perplexity does."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import GatenormError
 
@@ -22,3 +24,12 @@ def read_text(path: Path | str) -> str:
     if not text.strip():
         raise GatenormError(f"{path}: the text is empty")
     return text
+
+
+def bos_chunk(tokens: np.ndarray, index: int, length: int, bos: int | None) -> np.ndarray:
+    """Chunk ``index`` of ``length`` tokens, its first token replaced by BOS where the vocab adds one:
+    llama-perplexity's rule, and the one rule every chunk here follows."""
+    chunk = np.array(tokens[index * length : (index + 1) * length], dtype=np.int64)
+    if bos is not None:
+        chunk[0] = bos
+    return chunk

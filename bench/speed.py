@@ -28,7 +28,7 @@ def run() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         pruned = Path(tmp) / f"{base.stem}.pruned{PRUNE_COUNT}.gguf"
         prune_gguf(base, pruned, layers)
-        result = bench([base, pruned], SETTINGS, progress=sys.stderr.isatty())
+        result = bench([base, pruned], SETTINGS, progress=sys.stderr.isatty()).to_dict()
     result["pruned_layers"] = layers
     result["note"] = "ratios = pruned / base, median of interleaved pairs; FA on; CPU shared with other work if any"
     return result

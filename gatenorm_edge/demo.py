@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import GatenormError
 from .fileio import atomic_output, file_sha256, work_folder, write_text_atomic
-from .harness.compare import compare
+from .harness.compare import CompareResult, compare
 from .harness.model import open_model
 from .harness.perplexity import count_chunks
 from .harness.selfcal import sampled_text
@@ -123,32 +123,43 @@ def evaluation_text(settings: DemoSettings, base: Path) -> tuple[Path, str]:
     return path, f"text sampled from the base model (seed {SAMPLE_SEED}, data-free)"
 
 
-def summary_sentence(result: dict[str, Any]) -> str:
+@dataclass
+class DemoResult:
+    """The demo's comparison, how it pruned, and its one-sentence summary; ``to_dict`` is compare.json."""
+
+    compare: CompareResult
+    demo: dict[str, Any]
+    summary: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.compare.to_dict() | {"demo": self.demo, "summary": self.summary}
+
+
+def summary_sentence(result: CompareResult, layers_pruned: list[int], n_layers: int, patched: list[int]) -> str:
     """One plain sentence: what was removed, the speed at the deepest depth, the KV saved, the PPL change."""
-    demo = result["demo"]
     parts = [
-        f"Removed attention from {len(demo['layers_pruned'])} of {demo['n_layers']} layers "
-        f"({', '.join(map(str, demo['layers_pruned']))}; {len(demo['patched'])} with a linear patch)"
+        f"Removed attention from {len(layers_pruned)} of {n_layers} layers "
+        f"({', '.join(map(str, layers_pruned))}; {len(patched)} with a linear patch)"
     ]
-    speed = result.get("speed")
+    speed = result.speed
     if speed is not None:
-        depth = str(max(speed["depths"]))
-        base, pruned = (speed["kv_bytes"][label] for label in speed["models"])
+        depth = str(max(speed.depths))
+        base, pruned = (speed.kv_bytes[label] for label in speed.models)
         parts.append(
-            f"at depth {depth} it generates {speed['ratios']['tg'][depth]:.2f}x and reads prompts "
-            f"{speed['ratios']['pp'][depth]:.2f}x as fast ({fa_label(speed['flash_attn'])}, {speed['threads']} threads)"
+            f"at depth {depth} it generates {speed.ratios['tg'][depth]:.2f}x and reads prompts "
+            f"{speed.ratios['pp'][depth]:.2f}x as fast ({fa_label(speed.flash_attn)}, {speed.threads} threads)"
         )
         if base and pruned:
             parts.append(f"its KV cache is {1 - pruned / base:.0%} smaller")
-    ppl = result["perplexity"]
+    before, after = result.divergence.base, result.divergence.other
     parts.append(
-        f"and perplexity on {result['text_label']} went from {ppl['base']['ppl']:.2f} to {ppl['pruned']['ppl']:.2f} "
-        f"({ppl['pruned']['ppl'] / ppl['base']['ppl']:.2f}x, {ppl['pruned']['tokens_scored']} tokens)"
+        f"and perplexity on {result.text_label} went from {before.ppl:.2f} to {after.ppl:.2f} "
+        f"({after.ppl / before.ppl:.2f}x, {after.tokens_scored} tokens)"
     )
     return ", ".join(parts[:-1]) + " " + parts[-1] + "."
 
 
-def run_demo(settings: DemoSettings, progress: bool = False) -> dict[str, Any]:
+def run_demo(settings: DemoSettings, progress: bool = False) -> DemoResult:
     """Score, prune (the data-free default) and compare; writes scores.json (and scores.png), the pruned
     GGUF, prune.json, compare.json and compare.md into ``out``."""
     if settings.count < 1:
@@ -156,26 +167,26 @@ def run_demo(settings: DemoSettings, progress: bool = False) -> dict[str, Any]:
     base = settings.model or fetch_smollm2()
     settings.out.mkdir(parents=True, exist_ok=True)
     scores = score_model(base, "per-head", progress=progress)
-    write_json(settings.out / "scores.json", scores.to_dict())
+    write_json(settings.out / "scores.json", scores)
     if importlib.util.find_spec("matplotlib") is not None:  # the `demo` extra brings it
         save_score_plot(scores, settings.out / "scores.png")
     pruned = settings.out / f"{base.stem}.pruned{settings.count}.gguf"
     prune, report = self_prune(base, pruned, settings.count, force=True, n_threads=settings.threads, progress=progress)
     write_json(settings.out / "prune.json", prune.to_dict() | {"selfprune": report.to_dict()})
     text, label = evaluation_text(settings, base)
-    result = compare(
+    compared = compare(
         base, pruned, text, ctx=settings.ctx, chunks=settings.chunks, n_threads=settings.threads,
         speed=settings.speed, text_label=label, progress=progress,
     )
-    result["demo"] = {
+    result = DemoResult(compared, {
         "count": settings.count, "n_layers": prune.n_layers, "layers_pruned": report.layers, "patched": report.patched,
         "calibration": report.calibration, "seconds_prune": report.seconds["total"], "scores": scores.to_dict(),
-    }
-    result["summary"] = summary_sentence(result)
+    })
+    result.summary = summary_sentence(compared, report.layers, prune.n_layers, report.patched)
     write_json(settings.out / "compare.json", result)
     header = (
         f"# gatenorm-edge demo: {base.name}, {settings.count} attention sublayers removed by the data-free default "
         f"(layers {', '.join(map(str, report.layers))}; linear patches on {', '.join(map(str, report.patched)) or 'none'})\n\n"
     )
-    write_markdown(settings.out / "compare.md", header + compare_markdown(result) + "\n\n" + result["summary"] + "\n")
+    write_markdown(settings.out / "compare.md", header + compare_markdown(compared) + "\n\n" + result.summary + "\n")
     return result

@@ -12,13 +12,18 @@ from .errors import GatenormError
 from .fileio import atomic_output, write_text_atomic
 
 if TYPE_CHECKING:
+    from .harness.compare import CompareResult
+    from .harness.perplexity import PerplexityResult
+    from .harness.speed import BenchResult, Spread
     from .scoring import ScoreReport
 
 BAR_WIDTH = 30
 
 
 def write_json(path: Path | str, data: Any) -> None:
-    write_text_atomic(Path(path), json.dumps(data, indent=2) + "\n")
+    """The one JSON writer: a result (anything with ``to_dict``) or plain data, indented, atomically."""
+    plain = data.to_dict() if hasattr(data, "to_dict") else data
+    write_text_atomic(Path(path), json.dumps(plain, indent=2) + "\n")
 
 
 def write_markdown(path: Path | str, text: str) -> None:
@@ -56,109 +61,104 @@ def attention_layer_kinds(cost: dict[str, Any]) -> str:
     return ", ".join(f"{len(cost['layers'][kind])} {kind}" for kind in ("attention", "linear", "free"))
 
 
-def perplexity_markdown(result: dict[str, Any]) -> str:
+def perplexity_markdown(result: PerplexityResult) -> str:
     """One ``ppl`` result as a one-row table."""
     header = ["model", "text", "ctx", "chunks", "tokens scored", "PPL", "attention", "seconds"]
     row = [
-        Path(result["model"]).name,
-        Path(result["text"]).name,
-        str(result["ctx"]),
-        str(result["chunks"]),
-        str(result["tokens_scored"]),
-        f"{result['ppl']:.4f} ± {result['ppl_stderr']:.4f}",
-        fa_label(result["flash_attn"]),
-        f"{result['seconds']:.1f}",
+        Path(result.model).name,
+        Path(result.text).name,
+        str(result.ctx),
+        str(result.chunks),
+        str(result.tokens_scored),
+        f"{result.ppl:.4f} ± {result.ppl_stderr:.4f}",
+        fa_label(result.flash_attn),
+        f"{result.seconds:.1f}",
     ]
     return markdown_table(header, [row])
 
 
-def _spread(cell: dict[str, Any]) -> str:
-    return f"{cell['median']:.1f} ({cell['min']:.1f}–{cell['max']:.1f})"
+def _spread(cell: Spread) -> str:
+    return f"{cell.median:.1f} ({cell.min:.1f}–{cell.max:.1f})"
 
 
-def bench_markdown(result: dict[str, Any]) -> str:
+def bench_markdown(result: BenchResult) -> str:
     """A ``bench`` result: t/s median (min–max) per model and depth, then memory; ratios when two models."""
-    fa = fa_label(result["flash_attn"])
-    models = result["models"]
+    fa = fa_label(result.flash_attn)
+    models = result.models
     header = ["test", *[Path(m).name for m in models]]
     if len(models) > 1:
         header.append(f"{Path(models[1]).name} / {Path(models[0]).name}")
     rows: list[list[str]] = []
-    for depth in map(str, result["depths"]):
-        for kind, count in (("pp", result["prompt"]), ("tg", result["gen"])):
+    for depth in map(str, result.depths):
+        for kind, count in (("pp", result.prompt), ("tg", result.gen)):
             row = [f"{kind}{count} @ d{depth} t/s, {fa}"]
-            row += [_spread(result[f"{kind}_tps"][m][depth]) for m in models]
+            row += [_spread(result.tps(kind)[m][depth]) for m in models]
             if len(models) > 1:
-                row.append(f"{result['ratios'][kind][depth]:.3f}×")
+                row.append(f"{result.ratios[kind][depth]:.3f}×")
             rows.append(row)
     memory = [
-        (f"KV cache ({result['kv_cells'][models[0]]} cells, {fa})", "kv_bytes", mib),
-        ("peak RSS", "rss_bytes", mib),
-        ("load seconds", "load_seconds", lambda s: f"{s:.2f}"),
+        (f"KV cache ({result.kv_cells[models[0]]} cells, {fa})", result.kv_bytes, mib),
+        ("peak RSS", result.rss_bytes, mib),
+        ("load seconds", result.load_seconds, lambda s: f"{s:.2f}"),
     ]
-    for label, key, show in memory:
-        row = [label, *[show(result[key][m]) for m in models]]
+    for label, values, show in memory:
+        row = [label, *[show(values[m]) for m in models]]
         if len(models) > 1:
-            row.append(ratio(result[key][models[1]], result[key][models[0]]))
+            row.append(ratio(values[models[1]], values[models[0]]))
         rows.append(row)
     notes = (
-        f"\n\n{result['reps']} reps, {result['threads']} threads; t/s as median (min–max)"
+        f"\n\n{result.reps} reps, {result.threads} threads; t/s as median (min–max)"
         + ("; ratios are medians of pair-by-pair ratios, runs interleaved A B A B" if len(models) > 1 else "")
         + "."
     )
     return markdown_table(header, rows) + notes
 
 
-def compare_markdown(result: dict[str, Any]) -> str:
+def compare_markdown(result: CompareResult) -> str:
     """The before/after table of ``compare`` and ``demo``."""
-    base, pruned = result["perplexity"]["base"], result["perplexity"]["pruned"]
-    kld = result["kld"]
-    fa = fa_label(result["flash_attn"])
+    base, pruned, kld = result.divergence.base, result.divergence.other, result.divergence
+    fa = fa_label(result.flash_attn)
     header = ["measure", "base", "pruned", "pruned / base"]
-    sizes = result["file_bytes"]
+    sizes = result.file_bytes
     rows = [
         ["file size", mib(sizes["base"]), mib(sizes["pruned"]), ratio(sizes["pruned"], sizes["base"])],
         [
-            f"PPL, {result['text_label']}, ctx {base['ctx']}, {base['chunks']} chunks ({base['tokens_scored']} tokens), {fa}",
-            f"{base['ppl']:.4f} ± {base['ppl_stderr']:.4f}",
-            f"{pruned['ppl']:.4f} ± {pruned['ppl_stderr']:.4f}",
-            ratio(pruned["ppl"], base["ppl"]),
+            f"PPL, {result.text_label}, ctx {base.ctx}, {base.chunks} chunks ({base.tokens_scored} tokens), {fa}",
+            f"{base.ppl:.4f} ± {base.ppl_stderr:.4f}",
+            f"{pruned.ppl:.4f} ± {pruned.ppl_stderr:.4f}",
+            ratio(pruned.ppl, base.ppl),
         ],
-        ["KLD (pruned from base), mean ± se", "", f"{kld['kld_mean']:.5f} ± {kld['kld_stderr']:.5f}", ""],
-        ["KLD 99th percentile", "", f"{kld['kld_p99']:.5f}", ""],
-        ["top-1 agreement with base", "", f"{100 * kld['top1_agreement']:.2f}%", ""],
+        ["KLD (pruned from base), mean ± se", "", f"{kld.kld_mean:.5f} ± {kld.kld_stderr:.5f}", ""],
+        ["KLD 99th percentile", "", f"{kld.kld_p99:.5f}", ""],
+        ["top-1 agreement with base", "", f"{100 * kld.top1_agreement:.2f}%", ""],
     ]
-    cost = result.get("attention_cost")
-    if cost:
+    cost = result.attention_cost
+    if cost["base"] and cost["pruned"]:
         rows.append(["attention layers", attention_layer_kinds(cost["base"]), attention_layer_kinds(cost["pruned"]), ""])
         for key, label in ATTENTION_COST_LABELS:
             before, after = cost["base"]["per_token"][key], cost["pruned"]["per_token"][key]
             rows.append([label, f"{before:,}", f"{after:,}", ratio(after, before)])
-    speed = result.get("speed")
+    speed = result.speed
     notes = ""
     if speed is not None:
-        b, p = speed["models"]
-        for depth in map(str, speed["depths"]):
-            for kind, count in (("pp", speed["prompt"]), ("tg", speed["gen"])):
+        b, p = speed.models
+        for depth in map(str, speed.depths):
+            for kind, count in (("pp", speed.prompt), ("tg", speed.gen)):
                 rows.append(
                     [
                         f"{kind}{count} t/s @ depth {depth}, {fa}",
-                        _spread(speed[f"{kind}_tps"][b][depth]),
-                        _spread(speed[f"{kind}_tps"][p][depth]),
-                        f"{speed['ratios'][kind][depth]:.3f}×",
+                        _spread(speed.tps(kind)[b][depth]),
+                        _spread(speed.tps(kind)[p][depth]),
+                        f"{speed.ratios[kind][depth]:.3f}×",
                     ]
                 )
         rows.append(
-            [
-                f"KV cache, {speed['kv_cells'][b]} cells, {fa}",
-                mib(speed["kv_bytes"][b]),
-                mib(speed["kv_bytes"][p]),
-                ratio(speed["kv_bytes"][p], speed["kv_bytes"][b]),
-            ]
+            [f"KV cache, {speed.kv_cells[b]} cells, {fa}", mib(speed.kv_bytes[b]), mib(speed.kv_bytes[p]),
+             ratio(speed.kv_bytes[p], speed.kv_bytes[b])]
         )
-        rows.append(["peak RSS", mib(speed["rss_bytes"][b]), mib(speed["rss_bytes"][p]), ratio(speed["rss_bytes"][p], speed["rss_bytes"][b])])
+        rows.append(["peak RSS", mib(speed.rss_bytes[b]), mib(speed.rss_bytes[p]), ratio(speed.rss_bytes[p], speed.rss_bytes[b])])
         notes = (
-            f"\n\nSpeed: {speed['reps']} reps, {speed['threads']} threads, t/s as median (min–max); "
+            f"\n\nSpeed: {speed.reps} reps, {speed.threads} threads, t/s as median (min–max); "
             "speed ratios are medians of pair-by-pair ratios, runs interleaved base/pruned."
         )
     return markdown_table(header, rows) + notes

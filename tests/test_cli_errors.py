@@ -9,7 +9,7 @@ import pytest
 from gatenorm_edge.cli import app, main
 
 BAD_OPTIONS = [
-    (["prune", "{model}", "{out}", "--count", "2", "--variant", "foo"], "variant 'foo'"),
+    (["prune", "{model}", "{out}", "--count", "2", "--variant", "foo"], "Invalid value for '--variant': 'foo' is not one of 'per-head', 'full', 'folded'"),
     (["ppl", "{model}", "--text", "{model}", "--ctx", "abc"], "--ctx"),
     (["prune", "{model}", "{out}", "--count", "x"], "--count"),
     (["score", "{model}", "--nope"], "No such option: --nope"),

@@ -176,7 +176,7 @@ def test_calibration_chunks_are_the_requested_slice(stories260k: Path, tinystori
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--criterion", "nonsense"], "unknown criterion 'nonsense'"),
+        (["--criterion", "nonsense"], "'nonsense' is not one of 'self', 'per-head'"),
         (["--criterion", "loo-ppl"], "needs a calibration text"),
         (["--criterion", "last", "--layers", "1,2"], "it does not go with --layers"),
     ],

@@ -70,7 +70,7 @@ def test_demo_end_to_end_on_stories260k(stories260k: Path, shared_dir: Path, tmp
 def test_demo_samples_its_text_when_no_wikitext(stories260k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(demo, "shared_wikitext", lambda: None)  # as on a fresh machine without ../shared
     settings = demo.DemoSettings(out=tmp_path, count=1, model=stories260k, ctx=64, chunks=2, speed=None)
-    result = demo.run_demo(settings)
+    result = demo.run_demo(settings).to_dict()
     assert result["text_label"].startswith("text sampled from the base model")
     assert Path(result["text"]) == tmp_path / "sampled_text.txt"
     assert result["perplexity"]["base"]["chunks"] == 2 and result["speed"] is None

@@ -139,7 +139,7 @@ def test_kv_bytes_match_llama_cpp_and_shrink_with_flash_attention(smollm2: Path,
 
 def test_bench_contract_on_stories260k(stories260k: Path, stories_pruned: Path) -> None:
     settings = BenchSettings(prompt=32, gen=8, depths=(0, 64), reps=2, threads=1)
-    result = bench([stories260k, stories_pruned], settings)
+    result = bench([stories260k, stories_pruned], settings).to_dict()  # the bench --json contract
     assert set(result) >= {"models", "depths", "pp_tps", "tg_tps", "ratios", "kv_bytes", "rss_bytes", "load_seconds"}
     base, pruned = result["models"]
     assert result["depths"] == [0, 64] and result["threads"] == 1 and result["flash_attn"] is True

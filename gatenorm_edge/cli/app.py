@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from types import FrameType
 
@@ -35,6 +37,16 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def choices(name: str, values: Sequence[str]) -> type[Enum]:
+    """The one way options take a choice: an Enum of strings, which ``--help`` lists and parsing enforces."""
+    return Enum(name, [(value, value) for value in values], type=str)
+
+
+def chosen(value: Enum | None) -> str | None:
+    """The plain string of a choice (None stays None)."""
+    return None if value is None else str(value.value)
+
+
 def check_output_folders(*paths: Path | None) -> None:
     """The one check on report outputs (``--json``, ``--md``, ``--plot``): each given path's folder exists,
     so a long run never ends unable to write what it measured."""
@@ -52,7 +64,8 @@ def _option_error(exc: typer.TyperException) -> str:
     """A parsing error (bad option value, missing argument, unknown option) as one line."""
     context = getattr(exc, "ctx", None)
     hint = f" (see {context.command_path} --help)" if context is not None else ""
-    return " ".join(exc.format_message().split()) + hint
+    message = " ".join(exc.format_message().split()).replace("Value error, ", "")  # pydantic's prefix
+    return message + hint
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,9 +49,9 @@ def ppl(
     """
     check_output_folders(json_path)
     result = perplexity(model, text, ctx=ctx, chunks=chunks, progress=True, flash_attn=flash_attn, n_threads=threads)
-    typer.echo(perplexity_markdown(result.to_dict()))
+    typer.echo(perplexity_markdown(result))
     if json_path is not None:
-        write_json(json_path, result.to_dict())
+        write_json(json_path, result)
 
 
 @app.command()
@@ -131,11 +131,11 @@ def compare(
     )
     table = compare_markdown(result)
     if zeroshot is not None:
-        result["zeroshot"] = zeroshot_table(
+        result.zeroshot = zeroshot_table(
             base, pruned, zeroshot, limit, n_threads=threads, flash_attn=flash_attn, progress=True
         )
         header = ["zero-shot (lm-eval prompts)", "base", "pruned", "pruned / base"]
-        table += "\n\n" + markdown_table(header, zeroshot_markdown_rows(result["zeroshot"]))
+        table += "\n\n" + markdown_table(header, zeroshot_markdown_rows(result.zeroshot))
     typer.echo(table)
     if md_path is not None:
         write_markdown(md_path, table)
@@ -190,6 +190,6 @@ def demo(
         speed=BenchSettings(prompt=512, gen=gen, depths=_depths(depth), reps=reps) if speed else None,
     )
     result = run_demo(settings, progress=True)
-    typer.echo(compare_markdown(result))
-    typer.echo(f"\n{result['summary']}")
+    typer.echo(compare_markdown(result.compare))
+    typer.echo(f"\n{result.summary}")
     typer.echo(f"\nWrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'scores.json'} and the pruned GGUF.")

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from ..criteria import CRITERIA, choose_layers
+from ..criteria import CRITERIA, SELF, choose_layers
 from ..errors import GatenormError
-from ..fileio import write_text_atomic
-from ..recovery import AUTO, DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, check_recovery_options, prune_with_recovery
+from ..recovery import AUTO, DEFAULT_CALIB_CTX, MODES, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, check_recovery_options, prune_with_recovery
 from ..selfprune import self_prune
-from ..report import ATTENTION_COST_LABELS, attention_layer_kinds, markdown_table
+from ..report import ATTENTION_COST_LABELS, attention_layer_kinds, markdown_table, write_json
 from ..inspection import inspect_gguf
-from .app import app, check_output_folders
+from ..scoring import VARIANTS
+from .app import app, check_output_folders, choices, chosen
+
+Variant = choices("Variant", VARIANTS)
+Criterion = choices("Criterion", (SELF, *CRITERIA))
+Mode = choices("Mode", MODES)
 
 
 def _mb(n_bytes: int) -> str:
@@ -48,11 +51,11 @@ def prune(
         "calibration text, critical layers are vetoed by KL divergence, and each removed layer gets a linear "
         "patch only where that beats dropping it on held-out text.",
     ),
-    variant: Optional[str] = typer.Option(None, "--variant", help="Choose the --count layers by this Gate-Norm variant (per-head, full, folded)."),
+    variant: Optional[Variant] = typer.Option(None, "--variant", help="Choose the --count layers by this Gate-Norm variant."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Score JSON from `gatenorm-edge score --json`."),
-    criterion: Optional[str] = typer.Option(
+    criterion: Optional[Criterion] = typer.Option(
         None, "--criterion",
-        help=f"How to choose the --count layers: self (the default), or {', '.join(CRITERIA)}. Data-driven ones "
+        help="How to choose the --count layers: self (the default), or another criterion. Data-driven ones "
         "(loo-ppl, greedy-ppl, cosine) calibrate on --criterion-text. per-head with --mode drop is the paper's "
         "Gate-Norm and the old default. See `study`.",
     ),
@@ -60,7 +63,7 @@ def prune(
     criterion_chunks: int = typer.Option(1, "--criterion-chunks", help="Calibration chunks of 512 tokens for --criterion-text."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
-    mode: Optional[str] = typer.Option(
+    mode: Optional[Mode] = typer.Option(
         None, "--mode",
         help="auto (default with --count alone): a validated linear patch where it beats dropping, else drop; "
         "drop (default otherwise): no attention; fold-vo: alpha*W_O*W_V; linear: least-squares linear attention "
@@ -86,15 +89,16 @@ def prune(
     layer, no KV cache); the others are attention-free.
     """
     check_output_folders(json_path)
-    chosen, provenance = choose_layers(model, layers, count, variant, plan, criterion, criterion_text, criterion_chunks)
-    mode = mode or (AUTO if chosen is None else "drop")
+    variant, criterion, mode = chosen(variant), chosen(criterion), chosen(mode)
+    picked, provenance = choose_layers(model, layers, count, variant, plan, criterion, criterion_text, criterion_chunks)
+    mode = mode or (AUTO if picked is None else "drop")
     check_recovery_options(mode, alpha, alpha_search, calib)
     details: dict[str, Any] = {}
-    if mode == AUTO or chosen is None:
+    if mode == AUTO or picked is None:
         if mode not in (AUTO, "drop"):
             raise GatenormError(f"--criterion self goes with --mode auto or drop, not {mode}")
         result, report = self_prune(
-            model, out, count, calib=calib, fixed=chosen, recover=mode == AUTO, seed=seed, force=force, progress=True
+            model, out, count, calib=calib, fixed=picked, recover=mode == AUTO, seed=seed, force=force, progress=True
         )
         details = {"selfprune": report.to_dict()}
         summary = [("calibration", f"{report.calibration['tokens']} tokens, {report.calibration['source']}"),
@@ -103,14 +107,14 @@ def prune(
                    ("seconds (whole pipeline)", f"{report.seconds['total']:.1f}")]
     else:
         result, recovery = prune_with_recovery(
-            model, out, chosen, mode, alpha=alpha, alpha_search_text=alpha_search, calib_text=calib,
+            model, out, picked, mode, alpha=alpha, alpha_search_text=alpha_search, calib_text=calib,
             calib_tokens=calib_tokens, calib_ctx=calib_ctx, ridge=ridge, force=force, provenance=provenance, progress=True,
         )
         details = {"recovery": recovery.to_dict()}
         summary = [("mode", mode + (f", alpha {recovery.alpha}" if recovery.alpha is not None else "")),
                    ("seconds", f"{result.seconds:.2f}")]
     if json_path is not None:
-        write_text_atomic(json_path, json.dumps(result.to_dict() | details, indent=2) + "\n")
+        write_json(json_path, result.to_dict() | details)
     typer.echo(
         _markdown([
             ("input", f"{model} ({result.architecture}, {result.n_layers} layers)"),
@@ -135,7 +139,7 @@ def inspect(
     """Show a GGUF's architecture, layers, attention-free layers, size, tensor types and attention cost per token."""
     info = inspect_gguf(model)
     if json_path is not None:
-        write_text_atomic(json_path, json.dumps(info, indent=2) + "\n")
+        write_json(json_path, info)
     rows: list[tuple[str, Any]] = [
         ("file", info["file"]),
         ("architecture", info["architecture"]),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 import typer
@@ -10,9 +9,9 @@ import typer
 from ..fileio import write_text_atomic
 from ..report import prune_order_line, require_matplotlib, save_score_plot, score_markdown
 from ..scoring import VARIANTS, score_model
-from .app import app, check_output_folders
+from .app import app, check_output_folders, choices
 
-Variant = Enum("Variant", [(name, name) for name in VARIANTS], type=str)
+Variant = choices("Variant", VARIANTS)
 
 
 @app.command()

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from ..criteria import CRITERIA
 from ..errors import GatenormError
-from ..fileio import write_text_atomic
 from ..report import require_matplotlib
 from ..study import markdown, run_study, save_plots
+from ..report import write_json
 from .app import app, check_output_folders
 
 
@@ -73,7 +72,7 @@ def study(
     )
     typer.echo(markdown(result))
     if json_path is not None:
-        write_text_atomic(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+        write_json(json_path, result)
         typer.echo(f"wrote {json_path}")
     if plot is not None:
         for path in save_plots(result, plot):

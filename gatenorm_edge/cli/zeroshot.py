@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import GatenormError
-from ..fileio import write_text_atomic
 from ..harness.zeroshot import TASKS, evaluate
+from ..report import write_json
 from .app import app, check_output_folders
 
 ALL_TASKS = ",".join(TASKS)
@@ -55,7 +54,7 @@ def zeroshot(
         progress=True,
     )
     if json_path is not None:
-        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+        write_json(json_path, report)
     plural = "s" if report.n_threads != 1 else ""
     typer.echo(f"{model} (flash attention {'on' if flash_attn else 'off'}, {report.n_threads} thread{plural})\n")
     typer.echo(report.markdown())

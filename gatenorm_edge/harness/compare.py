@@ -4,13 +4,45 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..inspection import attention_cost
 from ..sources import GGUFFile
-from .kld import kl_divergence
-from .speed import BenchSettings, bench
+from .kld import DivergenceResult, kl_divergence
+from .speed import BenchResult, BenchSettings, bench
+
+KLD_KEYS = ("tokens", "kld_mean", "kld_stderr", "kld_median", "kld_p99", "kld_max", "top1_agreement")
+
+
+@dataclass
+class CompareResult:
+    """Everything ``compare`` measured; ``to_dict`` is the ``compare --json`` contract."""
+
+    base: str
+    pruned: str
+    text: str
+    text_label: str
+    flash_attn: bool
+    file_bytes: dict[str, int]
+    attention_cost: dict[str, dict[str, Any]]
+    divergence: DivergenceResult
+    speed: BenchResult | None
+    seconds: float
+    zeroshot: list[dict[str, Any]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.divergence
+        data = {
+            "base": self.base, "pruned": self.pruned, "text": self.text, "text_label": self.text_label,
+            "flash_attn": self.flash_attn, "file_bytes": self.file_bytes, "attention_cost": self.attention_cost,
+            "perplexity": {"base": d.base.to_dict(), "pruned": d.other.to_dict()},
+            "kld": {key: getattr(d, key) for key in KLD_KEYS},
+            "speed": self.speed.to_dict() if self.speed is not None else None,
+            "seconds": self.seconds,
+        }
+        return data if self.zeroshot is None else data | {"zeroshot": self.zeroshot}
 
 
 def compare(
@@ -25,8 +57,8 @@ def compare(
     speed: BenchSettings | None = BenchSettings(),
     text_label: str | None = None,
     progress: bool = False,
-) -> dict[str, Any]:
-    """Everything ``compare`` reports, as one JSON-ready dict (``speed`` None skips the benchmark).
+) -> CompareResult:
+    """Both models on the same text (and, unless ``speed`` is None, benchmarked interleaved).
 
     ``flash_attn`` and ``n_threads`` apply to the perplexity pass and the benchmark alike.
     """
@@ -38,19 +70,15 @@ def compare(
     if speed is not None:
         settings = dataclasses.replace(speed, flash_attn=flash_attn, threads=n_threads or speed.threads)
         speed_result = bench([base, pruned], settings, progress=progress)
-    return {
-        "base": str(base),
-        "pruned": str(pruned),
-        "text": str(text),
-        "text_label": text_label or Path(text).name,
-        "flash_attn": flash_attn,
-        "file_bytes": {"base": GGUFFile(base).nbytes, "pruned": GGUFFile(pruned).nbytes},
-        "attention_cost": {"base": attention_cost(base), "pruned": attention_cost(pruned)},
-        "perplexity": {"base": divergence.base.to_dict(), "pruned": divergence.other.to_dict()},
-        "kld": {
-            key: getattr(divergence, key)
-            for key in ("tokens", "kld_mean", "kld_stderr", "kld_median", "kld_p99", "kld_max", "top1_agreement")
-        },
-        "speed": speed_result,
-        "seconds": time.perf_counter() - started,
-    }
+    return CompareResult(
+        base=str(base),
+        pruned=str(pruned),
+        text=str(text),
+        text_label=text_label or Path(text).name,
+        flash_attn=flash_attn,
+        file_bytes={"base": GGUFFile(base).nbytes, "pruned": GGUFFile(pruned).nbytes},
+        attention_cost={"base": attention_cost(base), "pruned": attention_cost(pruned)},
+        divergence=divergence,
+        speed=speed_result,
+        seconds=time.perf_counter() - started,
+    )

@@ -19,7 +19,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -194,12 +194,50 @@ def model_labels(paths: Sequence[Path]) -> list[str]:
     return labels
 
 
-def _spread(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
+@dataclass
+class Spread:
+    """One test's tokens/s over its repetitions."""
+
+    median: float
+    min: float
+    max: float
+    samples: list[float]
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values), values)
 
 
-def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(), progress: bool = False) -> dict[str, Any]:
-    """Benchmark one or more models interleaved; the ``bench --json`` contract."""
+@dataclass
+class BenchResult:
+    """What ``bench`` measured, per model label; ``to_dict`` is the ``bench --json`` contract."""
+
+    models: list[str]
+    depths: list[int]
+    prompt: int
+    gen: int
+    reps: int
+    threads: int
+    flash_attn: bool
+    pp_tps: dict[str, dict[str, Spread]]
+    tg_tps: dict[str, dict[str, Spread]]
+    ratios: dict[str, dict[str, float]]
+    kv_bytes: dict[str, int | None]
+    kv_cells: dict[str, int]
+    load_seconds: dict[str, float]
+    rss_bytes: dict[str, int]
+    seconds: float
+
+    def tps(self, kind: str) -> dict[str, dict[str, Spread]]:
+        """``pp_tps`` or ``tg_tps``."""
+        return self.pp_tps if kind == "pp" else self.tg_tps
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(), progress: bool = False) -> BenchResult:
+    """Benchmark one or more models interleaved."""
     paths = [Path(m) for m in models]
     for path in paths:
         if not path.is_file():
@@ -238,20 +276,20 @@ def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(
             for depth in settings.depths:
                 pairs = zip(tps[kind][other][depth], tps[kind][first][depth])
                 ratios[kind][str(depth)] = statistics.median(b / a for b, a in pairs)
-    return {
-        "models": labels,
-        "depths": list(settings.depths),
-        "prompt": settings.prompt,
-        "gen": settings.gen,
-        "reps": settings.reps,
-        "threads": threads,
-        "flash_attn": settings.flash_attn,
-        "pp_tps": {label: {str(d): _spread(v) for d, v in tps["pp"][label].items()} for label in labels},
-        "tg_tps": {label: {str(d): _spread(v) for d, v in tps["tg"][label].items()} for label in labels},
-        "ratios": ratios,
-        "kv_bytes": {label: w.info["kv_bytes"] for label, w in zip(labels, workers)},
-        "kv_cells": {label: w.info["kv_cells"] for label, w in zip(labels, workers)},
-        "load_seconds": {label: w.info["load_seconds"] for label, w in zip(labels, workers)},
-        "rss_bytes": rss,
-        "seconds": time.perf_counter() - started,
-    }
+    return BenchResult(
+        models=labels,
+        depths=list(settings.depths),
+        prompt=settings.prompt,
+        gen=settings.gen,
+        reps=settings.reps,
+        threads=threads,
+        flash_attn=settings.flash_attn,
+        pp_tps={label: {str(d): Spread.of(v) for d, v in tps["pp"][label].items()} for label in labels},
+        tg_tps={label: {str(d): Spread.of(v) for d, v in tps["tg"][label].items()} for label in labels},
+        ratios=ratios,
+        kv_bytes={label: w.info["kv_bytes"] for label, w in zip(labels, workers)},
+        kv_cells={label: w.info["kv_cells"] for label, w in zip(labels, workers)},
+        load_seconds={label: w.info["load_seconds"] for label, w in zip(labels, workers)},
+        rss_bytes=rss,
+        seconds=time.perf_counter() - started,
+    )

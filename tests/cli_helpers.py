@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import llama_cpp
@@ -22,6 +24,24 @@ def run_cli(*args: str | Path, cwd: Path = ROOT, prelude: str = "") -> subproces
     return subprocess.run(
         [sys.executable, *command, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
     )
+
+
+def run_cli_here(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``gatenorm-edge ARGS`` in this process (for commands that load no llama.cpp model, where a separate
+    process proves nothing more): stdout and stderr captured through real files, the exit status kept."""
+    from gatenorm_edge.cli import main
+
+    argv = list(map(str, args))
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(argv)
+                status = 0
+            except SystemExit as exit_:
+                status = exit_.code if isinstance(exit_.code, int) else 1
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(["gatenorm-edge", *argv], status, out.read(), err.read())
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:

@@ -14,7 +14,7 @@ from gguf.quants import dequantize
 
 import tiny_models as tm
 from gatenorm_edge.scoring import ScoreReport, score_model
-from cli_helpers import run_cli
+from cli_helpers import run_cli, run_cli_here
 
 CONFIG = tm.TinyConfig()
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_bad_input_is_one_line_error(tmp_path: Path, case: str, make: Callable[[
     outputs = tmp_path / "out"
     outputs.mkdir()
     before = _snapshot(inputs)
-    result = run_cli("score", model, "--json", outputs / "scores.json")
+    result = run_cli_here("score", model, "--json", outputs / "scores.json")
     assert result.returncode == 2, (case, result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr

@@ -16,7 +16,7 @@ from gatenorm_edge.gguf_layout import GGUFLayout
 from gatenorm_edge.inspection import attention_free_layers, inspect_gguf
 from gatenorm_edge.rewrite import prune_gguf
 from gatenorm_edge.rewrite_plan import ATTENTION_TENSORS
-from cli_helpers import assert_one_line_error, llama_cpp_logits, run_cli
+from cli_helpers import assert_one_line_error, llama_cpp_logits, run_cli, run_cli_here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,7 +176,7 @@ REFUSALS = [
 def test_refusals(stories260k: Path, tmp_path: Path, args: list[str], message: str) -> None:
     before = sha256(stories260k)
     out = tmp_path / "out.gguf"
-    proc = run_cli("prune", stories260k, out, *args)
+    proc = run_cli_here("prune", stories260k, out, *args)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -88,7 +88,7 @@ class DivergenceResult:
     other: PerplexityResult
     tokens: int
     kld_mean: float
-    kld_stderr: float
+    kld_stderr: float | None
     kld_median: float
     kld_p99: float
     kld_max: float

@@ -38,14 +38,11 @@ from .fileio import work_folder
 from .evaluation import PrunedEvaluator, TextChunks
 from .harness.text import bos_chunk
 from .reference import ReferenceModel
-from .scoring import VARIANTS, ScoreReport, prune_order, score_model
+from .options import BASELINES, CRITERIA, DATA_DRIVEN, SELF, VARIANTS, WEIGHT_CRITERIA
+from .scoring import ScoreReport, prune_order, score_model
 from .sources.geometry import ModelGeometry, gguf_geometry
 from .sources.gguf_file import GGUFFile
 
-WEIGHT_CRITERIA = VARIANTS + ("ov", "qk-ov")
-BASELINES = ("random", "last", "first")
-DATA_DRIVEN = ("loo-ppl", "greedy-ppl", "cosine")
-CRITERIA = WEIGHT_CRITERIA + BASELINES + DATA_DRIVEN
 
 
 @dataclass
@@ -312,7 +309,6 @@ def parse_layers(text: str) -> list[int]:
     return [int(item) for item in items]
 
 
-SELF = "self"
 
 
 def choose_layers(

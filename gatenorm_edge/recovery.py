@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GatenormError
+from .options import AUTO, DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, MODES
 from .fileio import work_folder
 from .harness.model import open_model
 from .harness.perplexity import count_chunks, perplexity
@@ -39,14 +40,9 @@ from .rewrite_plan import LinearMaps, plan_rewrite
 from .sources.geometry import ModelGeometry
 from .sources.gguf_file import GGUFFile
 
-AUTO = "auto"  # the data-free default: self-calibrated, validated linear patches (``selfprune``)
-MODES = (AUTO, "drop", "linear", "fold-vo")
 ALPHA_GRID = (0.25, 0.5, 0.75, 1.0, 1.25)
 ALPHA_SEARCH_CTX = 256
 ALPHA_SEARCH_CHUNKS = 4
-DEFAULT_CALIB_TOKENS = 2048
-DEFAULT_CALIB_CTX = 512
-DEFAULT_RIDGE = 1e-2
 
 
 @dataclass

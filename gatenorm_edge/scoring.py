@@ -30,10 +30,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .errors import GatenormError
+from .options import VARIANTS
 from .progress import progress_bar
 from .sources import open_source
 
-VARIANTS = ("per-head", "full", "folded")
 
 
 def _heads(weights: np.ndarray, n_heads: int) -> np.ndarray:

@@ -58,3 +58,19 @@ def test_declared_dependencies_are_the_imported_ones() -> None:
     optional = {module(r) for r in project["optional-dependencies"]["plot"]}
     imported = _imported_distributions()
     assert required == imported - optional, (required, imported)
+
+
+def test_the_cli_starts_without_numpy_or_llama_cpp() -> None:
+    """`--help` stays fast: the command modules import the heavy ones only when a command runs."""
+    import subprocess
+
+    code = "import sys, gatenorm_edge.cli; print(sorted(m for m in ('numpy', 'llama_cpp', 'gguf') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_task_names_have_one_home() -> None:
+    from gatenorm_edge.harness.zeroshot import TASKS
+    from gatenorm_edge.options import TASK_NAMES
+
+    assert tuple(TASKS) == TASK_NAMES

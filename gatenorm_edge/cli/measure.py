@@ -7,11 +7,6 @@ from pathlib import Path
 import typer
 
 from ..errors import GatenormError
-from ..harness.compare import compare as compare_models
-from ..harness.perplexity import perplexity
-from ..harness.speed import BenchSettings, bench as bench_models
-from ..harness.zeroshot import default_data_dir, load_task, parse_tasks, zeroshot_markdown_rows, zeroshot_table
-from ..report import bench_markdown, compare_markdown, markdown_table, perplexity_markdown, write_json, write_markdown
 from .app import app, check_output_folders
 
 FLASH_HELP = "Flash attention (default on, as llama-perplexity on CPU; off pads every layer's V cache to the widest)."
@@ -47,6 +42,9 @@ def ppl(
 
       gatenorm-edge ppl pruned.gguf --text wiki.test.raw --ctx 512 --chunks 20 --json ppl.json
     """
+    from ..harness.perplexity import perplexity
+    from ..report import perplexity_markdown, write_json
+
     check_output_folders(json_path)
     result = perplexity(model, text, ctx=ctx, chunks=chunks, progress=True, flash_attn=flash_attn, n_threads=threads)
     typer.echo(perplexity_markdown(result))
@@ -77,6 +75,9 @@ def bench(
 
       gatenorm-edge bench base.gguf --vs pruned.gguf --depth 0,4096 --reps 5 --json speed.json
     """
+    from ..harness.speed import BenchSettings, bench as bench_models
+    from ..report import bench_markdown, write_json
+
     check_output_folders(json_path)
     settings = BenchSettings(
         prompt=prompt, gen=gen, depths=_depths(depth), reps=reps, threads=threads, flash_attn=flash_attn
@@ -120,6 +121,11 @@ def compare(
 
       gatenorm-edge compare base.gguf pruned.gguf --text wiki.test.raw --zeroshot arc_easy,piqa --limit 200
     """
+    from ..harness.compare import compare as compare_models
+    from ..harness.speed import BenchSettings
+    from ..harness.zeroshot import default_data_dir, load_task, parse_tasks, zeroshot_markdown_rows, zeroshot_table
+    from ..report import compare_markdown, markdown_table, write_json, write_markdown
+
     check_output_folders(md_path, json_path)
     if zeroshot is not None:  # check tasks, data and --limit before the long runs
         for task in parse_tasks(zeroshot):
@@ -177,6 +183,8 @@ def demo(
 
       gatenorm-edge demo --model my-llama.gguf --text wiki.test.raw --no-speed
     """
+    from ..harness.speed import BenchSettings
+    from ..report import compare_markdown
     from ..demo import DemoSettings, run_demo
 
     settings = DemoSettings(

@@ -7,13 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from ..criteria import CRITERIA, SELF, choose_layers
 from ..errors import GatenormError
-from ..recovery import AUTO, DEFAULT_CALIB_CTX, MODES, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, check_recovery_options, prune_with_recovery
-from ..selfprune import self_prune
-from ..report import ATTENTION_COST_LABELS, attention_layer_kinds, markdown_table, write_json
-from ..inspection import inspect_gguf
-from ..scoring import VARIANTS
+from ..options import AUTO, CRITERIA, DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, MODES, SELF, VARIANTS
 from .app import app, check_output_folders, choices, chosen
 
 Variant = choices("Variant", VARIANTS)
@@ -26,6 +21,8 @@ def _mb(n_bytes: int) -> str:
 
 
 def _markdown(rows: list[tuple[str, Any]]) -> str:
+    from ..report import markdown_table
+
     return markdown_table(["", ""], [[key, str(value)] for key, value in rows])
 
 
@@ -88,6 +85,11 @@ def prune(
     Patched layers become deci linear attention (x + W·attn_norm(x), one n_embd x n_embd matrix per
     layer, no KV cache); the others are attention-free.
     """
+    from ..criteria import choose_layers
+    from ..recovery import check_recovery_options, prune_with_recovery
+    from ..report import write_json
+    from ..selfprune import self_prune
+
     check_output_folders(json_path)
     variant, criterion, mode = chosen(variant), chosen(criterion), chosen(mode)
     picked, provenance = choose_layers(model, layers, count, variant, plan, criterion, criterion_text, criterion_chunks)
@@ -137,6 +139,9 @@ def inspect(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the description as JSON here."),
 ) -> None:
     """Show a GGUF's architecture, layers, attention-free layers, size, tensor types and attention cost per token."""
+    from ..inspection import inspect_gguf
+    from ..report import ATTENTION_COST_LABELS, attention_layer_kinds, markdown_table, write_json
+
     info = inspect_gguf(model)
     if json_path is not None:
         write_json(json_path, info)

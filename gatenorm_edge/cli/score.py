@@ -6,9 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..fileio import write_text_atomic
-from ..report import prune_order_line, require_matplotlib, save_score_plot, score_markdown
-from ..scoring import VARIANTS, score_model
+from ..options import VARIANTS
 from .app import app, check_output_folders, choices
 
 Variant = choices("Variant", VARIANTS)
@@ -40,6 +38,10 @@ def score(
 
       gatenorm-edge score ./Llama-2-13b-hf --variant folded --plot scores.png
     """
+    from ..fileio import write_text_atomic
+    from ..report import prune_order_line, require_matplotlib, save_score_plot, score_markdown
+    from ..scoring import score_model
+
     check_output_folders(json_path, plot)
     if plot is not None:
         require_matplotlib()

@@ -6,11 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ..criteria import CRITERIA
+from ..options import CRITERIA
 from ..errors import GatenormError
-from ..report import require_matplotlib
-from ..study import markdown, run_study, save_plots
-from ..report import write_json
 from .app import app, check_output_folders
 
 
@@ -50,6 +47,9 @@ def study(
 
     Ranks the layers by every criterion (data-driven ones on calibration chunks), removes each criterion's first k layers for every k (prune_gguf into a temporary folder) and evaluates the pruned model in llama.cpp with flash attention on: perplexity (llama-perplexity's method) and KL divergence from the base model, on the same chunks. Also prints each criterion's scoring time, its Spearman rho against loo-ppl, and each data-free criterion's PPL relative to greedy-ppl. See docs/study.md.
     """
+    from ..report import require_matplotlib, write_json
+    from ..study import markdown, run_study, save_plots
+
     check_output_folders(json_path)
     if plot is not None:
         if not plot.is_dir():

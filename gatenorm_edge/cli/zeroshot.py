@@ -8,11 +8,10 @@ from typing import Optional
 import typer
 
 from ..errors import GatenormError
-from ..harness.zeroshot import TASKS, evaluate
-from ..report import write_json
+from ..options import TASK_NAMES
 from .app import app, check_output_folders
 
-ALL_TASKS = ",".join(TASKS)
+ALL_TASKS = ",".join(TASK_NAMES)
 
 
 @app.command(
@@ -27,7 +26,7 @@ ALL_TASKS = ",".join(TASKS)
 )
 def zeroshot(
     model: Path = typer.Argument(..., help="GGUF model to evaluate."),
-    tasks: str = typer.Option(..., "--tasks", help=f"Comma-separated tasks from: {', '.join(TASKS)}."),
+    tasks: str = typer.Option(..., "--tasks", help=f"Comma-separated tasks from: {', '.join(TASK_NAMES)}."),
     data_dir: Optional[Path] = typer.Option(
         None, "--data-dir", help="Task data in ../shared/data's layout (default: ../shared/data when present)."
     ),
@@ -40,6 +39,9 @@ def zeroshot(
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help="Flash attention (default on)."),
 ) -> None:
     """Zero-shot accuracy (acc, acc_norm ± stderr) on BoolQ, RTE, HellaSwag, WinoGrande, ARC, OpenBookQA, PIQA."""
+    from ..harness.zeroshot import evaluate
+    from ..report import write_json
+
     check_output_folders(json_path)
     if threads is not None and threads < 1:
         raise GatenormError(f"--threads must be at least 1, got {threads}")

@@ -1,8 +1,19 @@
-PYTHON ?= python3
+# `make demo` and `make test` install into a project virtual environment (.venv), never into the system
+# Python; PYTHON=/path/to/python uses that interpreter as it is instead.
+VENV := .venv
+PYTHON ?= $(VENV)/bin/python
+BOOTSTRAP ?= python3
+
+ifeq ($(PYTHON),$(VENV)/bin/python)
+ENVIRONMENT := $(VENV)/bin/python
+endif
 
 .PHONY: install test bench demo
 
-install:
+$(VENV)/bin/python:
+	$(BOOTSTRAP) -m venv $(VENV)
+
+install: $(ENVIRONMENT)
 	$(PYTHON) -m pip install -e '.[dev]'
 
 test: install
@@ -11,6 +22,6 @@ test: install
 bench: install
 	$(PYTHON) -m bench.run $(BENCH)
 
-demo:
+demo: $(ENVIRONMENT)
 	$(PYTHON) -m pip install -q -e '.[demo]'
-	gatenorm-edge demo
+	$(PYTHON) -m gatenorm_edge demo

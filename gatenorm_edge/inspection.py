@@ -4,6 +4,7 @@ types, gatenorm provenance, and the per-token cost of its attention sublayers.""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,26 @@ from .rewrite_plan import ATTENTION_TENSORS, PROVENANCE_PREFIX
 from .sources.geometry import ModelGeometry
 
 KV_BYTES_PER_VALUE = 2  # llama.cpp's default F16 K and V cache
+
+
+@dataclass
+class Inspection:
+    """What ``inspect`` reports about one GGUF; ``to_dict`` is the ``inspect --json`` contract."""
+
+    file: str
+    architecture: str
+    name: str | None
+    n_layers: int
+    attention_free_layers: list[int]
+    attention_layers: int
+    size_bytes: int
+    n_tensors: int
+    tensor_types: dict[str, dict[str, int]]
+    gatenorm: dict[str, Any]
+    attention_cost: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _geometry(model: GGUFLayout) -> ModelGeometry | None:
@@ -64,7 +85,7 @@ def attention_free_layers(path: Path | str) -> list[int]:
         return geometry.attention_free if geometry is not None else []
 
 
-def inspect_gguf(path: Path | str) -> dict[str, Any]:
+def inspect_gguf(path: Path | str) -> Inspection:
     """Architecture, layers, attention-free layers, size, tensor types, gatenorm provenance, attention cost."""
     with GGUFLayout(path) as model:
         geometry = _geometry(model)
@@ -80,16 +101,16 @@ def inspect_gguf(path: Path | str) -> dict[str, Any]:
             for key in model.fields
             if key.startswith(PROVENANCE_PREFIX)
         }
-        return {
-            "file": str(path),
-            "architecture": model.architecture,
-            "name": model.value("general.name"),
-            "n_layers": n_layers,
-            "attention_free_layers": free,
-            "attention_layers": n_layers - len(free),
-            "size_bytes": model.size,
-            "n_tensors": sum(types.values()),
-            "tensor_types": {name: {"count": types[name], "bytes": type_bytes[name]} for name in sorted(types)},
-            "gatenorm": provenance,
-            "attention_cost": _attention_cost(model, geometry),
-        }
+        return Inspection(
+            file=str(path),
+            architecture=model.architecture,
+            name=model.value("general.name"),
+            n_layers=n_layers,
+            attention_free_layers=free,
+            attention_layers=n_layers - len(free),
+            size_bytes=model.size,
+            n_tensors=sum(types.values()),
+            tensor_types={name: {"count": types[name], "bytes": type_bytes[name]} for name in sorted(types)},
+            gatenorm=provenance,
+            attention_cost=_attention_cost(model, geometry),
+        )

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import io
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .errors import GatenormError
 from .fileio import atomic_output, write_text_atomic
+from .options import DATA_DRIVEN
 
 if TYPE_CHECKING:
     from .harness.compare import CompareResult
     from .harness.perplexity import PerplexityResult
     from .harness.speed import BenchResult, Spread
+    from .harness.zeroshot.report import ZeroShotReport
+    from .inspection import Inspection
+    from .rewrite import PruneResult
     from .scoring import ScoreReport
+    from .study import StudyResult
 
 BAR_WIDTH = 30
 
@@ -34,6 +43,51 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def key_value_table(rows: Sequence[tuple[str, Any]]) -> str:
+    """A two-column table of labelled values."""
+    return markdown_table(["", ""], [[key, str(value)] for key, value in rows])
+
+
+def megabytes(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.2f} MB"
+
+
+def prune_markdown(result: PruneResult, model: Path, out: Path, details: Sequence[tuple[str, Any]]) -> str:
+    """What ``prune`` wrote, then the ``details`` of how it chose and patched."""
+    return key_value_table([
+        ("input", f"{model} ({result.architecture}, {result.n_layers} layers)"),
+        ("output", f"{out} (deci)"),
+        ("attention-free layers", ", ".join(map(str, result.layers_pruned)) or "none"),
+        ("linear-attention layers", ", ".join(map(str, result.linear_layers)) or "none"),
+        ("size", f"{megabytes(result.bytes_in)} -> {megabytes(result.bytes_out)}"),
+        ("dropped tensors", f"{len(result.dropped_tensors)} ({megabytes(result.dropped_bytes)})"),
+        ("Q/K tensors reordered for RoPE", len(result.permuted_tensors)),
+        *details,
+    ])
+
+
+def inspect_markdown(info: Inspection) -> str:
+    """``inspect``'s description table, then the tensor types."""
+    rows: list[tuple[str, Any]] = [
+        ("file", info.file),
+        ("architecture", info.architecture),
+        ("layers", info.n_layers),
+        ("attention-free layers", ", ".join(map(str, info.attention_free_layers)) or "none"),
+        ("size", megabytes(info.size_bytes)),
+        ("tensors", info.n_tensors),
+    ]
+    rows += [(f"gatenorm.{key}", value) for key, value in info.gatenorm.items()]
+    cost = info.attention_cost
+    if cost:
+        rows.append(("attention layers", attention_layer_kinds(cost)))
+        rows += [(label, f"{cost['per_token'][key]:,}") for key, label in ATTENTION_COST_LABELS]
+    types = markdown_table(
+        ["tensor type", "count", "bytes"],
+        [[name, str(entry["count"]), str(entry["bytes"])] for name, entry in info.tensor_types.items()],
+    )
+    return key_value_table(rows) + "\n\n" + types
 
 
 def mib(n_bytes: int | None) -> str:
@@ -216,3 +270,132 @@ def save_score_plot(report: ScoreReport, path: Path) -> None:
     axes.set_title(f"{Path(report.model).name}: red = least coupled quarter")
     figure.tight_layout()
     save_figure(figure, path)
+
+
+# --------------------------------------------------------------------------------------------
+# zero-shot
+
+
+def _pm(value: float | None, error: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4f} ± {error:.4f}" if error is not None else f"{value:.4f}"
+
+
+def zeroshot_markdown_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """``zeroshot_table`` rows as cells for a (measure, base, pruned, pruned / base) Markdown table."""
+    return [
+        [f"{row['measure']} (n={row['n']})", _pm(row["base"], row["base_stderr"]),
+         _pm(row["pruned"], row["pruned_stderr"]), f"{row['pruned'] / row['base']:.3f}×" if row["base"] else ""]
+        for row in rows
+    ]
+
+
+def zeroshot_markdown(report: ZeroShotReport) -> str:
+    """A Markdown table: task, n, acc ± stderr, acc_norm ± stderr, CPU minutes; then the averages."""
+    lines = ["| task | n | acc | acc_norm | CPU min |", "|---|---:|---:|---:|---:|"]
+    for task in report.tasks:
+        lines.append(
+            f"| {task.task} | {task.n} | {_pm(task.acc, task.acc_stderr)} | "
+            f"{_pm(task.acc_norm, task.acc_norm_stderr)} | {task.cpu_seconds / 60:.1f} |"
+        )
+    average, average_stderr = report.average_acc
+    best, best_stderr = report.average_best
+    cpu = sum(task.cpu_seconds for task in report.tasks) / 60
+    lines.append(f"| **average** | {sum(t.n for t in report.tasks)} | {_pm(average, average_stderr)} | "
+                 f"{_pm(best, best_stderr)}¹ | {cpu:.1f} |")
+    lines.append("")
+    lines.append("¹ average of acc_norm where the task reports it, acc elsewhere.")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the criteria study
+
+
+def _cell(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def study_markdown(result: StudyResult) -> str:
+    """Tables for people: PPL (KLD) per criterion and count, ranking agreement and cost, and the 10% bar."""
+    from .study import BAR, DEFAULT_CRITERION, ORACLE
+    ev, cal = result.evaluation, result.calibration
+    lines = [
+        f"Model {Path(result.model).name} ({result.n_layers} layers); flash attention on; "
+        f"evaluation: {ev['chunks']} chunks x {ev['ctx']} tokens of {Path(ev['text']).name} from chunk {ev['first_chunk']} "
+        f"({ev['tokens_scored']} tokens scored); base PPL {result.base_ppl:.3f} ± {result.base_ppl_stderr:.3f}.",
+    ]
+    if cal:
+        lines.append(
+            f"Calibration (data-driven criteria): {cal['chunks']} chunk(s) x {cal['ctx']} tokens of "
+            f"{Path(cal['text']).name} from chunk {cal['first_chunk']}."
+        )
+    header = "| criterion | scoring s | ρ vs loo-ppl | " + " | ".join(f"k={k} PPL (KLD)" for k in result.counts) + " |"
+    lines += ["", header, "|---|" + "---:|" * (2 + len(result.counts))]
+    for study in result.criteria:
+        cells = [f"{p.ppl:.3f} ({p.kld:.3f})" for p in study.points]
+        lines.append(
+            f"| {study.ranking.criterion} | {study.ranking.seconds:.3g} | {_cell(study.spearman_vs_loo_ppl)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += ["", "| criterion | prune order (first " + str(max(result.counts)) + ") |", "|---|---|"]
+    for study in result.criteria:
+        lines.append(f"| {study.ranking.criterion} | {', '.join(map(str, study.ranking.prune_order[: max(result.counts)]))} |")
+    oracle = result.criterion(ORACLE)
+    data_free = [s for s in result.criteria if s.ranking.criterion not in DATA_DRIVEN]
+    if oracle and data_free:
+        lines += ["", f"PPL relative to {ORACLE} (the bar: within {BAR:.0%} at every k):", ""]
+        lines.append("| criterion | " + " | ".join(f"k={k}" for k in result.counts) + " | within bar |")
+        lines.append("|---|" + "---:|" * len(result.counts) + "---|")
+        for study in data_free:
+            ratios = [p.ppl / o.ppl - 1 for p, o in zip(study.points, oracle.points)]
+            within = all(p.ppl <= (1 + BAR) * o.ppl for p, o in zip(study.points, oracle.points))
+            verdict = "yes" if within else f"no (worst {max(ratios):+.1%})"
+            name = study.ranking.criterion + (" (default)" if study.ranking.criterion == DEFAULT_CRITERION else "")
+            lines.append(f"| {name} | " + " | ".join(f"{r:+.1%}" for r in ratios) + f" | {verdict} |")
+    lines.append("")
+    lines.append(f"{result.models_evaluated} pruned models evaluated; study took {result.seconds:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def save_study_plots(result: StudyResult, folder: Path) -> list[Path]:
+    """``<model>-ppl-kld.png`` (PPL and KLD against k per criterion) and ``<model>-scores.png`` (per-layer scores)."""
+    plt = require_matplotlib()
+    stem = Path(result.model).stem
+    paths = [folder / f"{stem}-ppl-kld.png", folder / f"{stem}-scores.png"]
+    figure, (ppl_axes, kld_axes) = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = plt.get_cmap("tab20").colors
+    ks = [0] + result.counts
+    for index, study in enumerate(result.criteria):
+        style = dict(linestyle="--" if study.ranking.criterion in DATA_DRIVEN else "-", marker="o", color=colors[index % 20])
+        ppl_axes.plot(ks, [result.base_ppl] + [p.ppl for p in study.points], **style)
+        kld_axes.plot(ks, [0.0] + [p.kld for p in study.points], label=study.ranking.criterion, **style)
+    ppl_axes.set_yscale("log")
+    for axes, label in ((ppl_axes, "perplexity (log scale)"), (kld_axes, "KL divergence from base (nats/token)")):
+        axes.set_xlabel("attention sublayers removed (k)")
+        axes.set_ylabel(label)
+        axes.set_xticks(ks)
+        axes.grid(alpha=0.3)
+    kld_axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="dashed: data-driven", title_fontsize=8)
+    figure.suptitle(f"{Path(result.model).name}: evaluation {result.evaluation['chunks']} x {result.evaluation['ctx']} tokens, FA on")
+    figure.tight_layout()
+    save_figure(figure, paths[0], dpi=110)
+
+    layers = list(range(1, result.n_layers))
+    figure, axes_list = plt.subplots(len(result.criteria), 1, figsize=(max(6.0, 0.28 * len(layers)), 1.3 * len(result.criteria) + 0.6), sharex=True, squeeze=False)
+    for axes, study in zip(axes_list[:, 0], result.criteria):
+        values = np.array([study.ranking.scores[i] for i in layers], dtype=np.float64)
+        spread = np.ptp(values) or 1.0
+        first = set(study.ranking.prune_order[: max(result.counts)])
+        colors = ["tab:red" if i in first else "tab:blue" for i in layers]
+        axes.bar(layers, 0.05 + (values - values.min()) / spread, color=colors)
+        rho = "" if study.spearman_vs_loo_ppl is None else f"  ρ={study.spearman_vs_loo_ppl:+.2f}"
+        axes.set_ylabel(study.ranking.criterion + rho, rotation=0, ha="right", va="center", fontsize=8)
+        axes.set_yticks([])
+    axes_list[-1, 0].set_xlabel(f"layer (red: the first {max(result.counts)} removed; bars: score scaled to its min..max, low = removed first)")
+    axes_list[-1, 0].set_xticks(layers)
+    figure.tight_layout()
+    save_figure(figure, paths[1], dpi=110)
+    return paths

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 
 from .criteria import CRITERIA, DATA_DRIVEN, CriterionResult, rank_layers, spearman_vs
@@ -27,7 +26,6 @@ from .evaluation import EvalPoint, PrunedEvaluator, TextChunks
 from .errors import GatenormError
 from .fileio import work_folder
 from .progress import progress_bar
-from .report import require_matplotlib, save_figure
 from .sources.geometry import gguf_geometry
 
 DEFAULT_CRITERION = "per-head"  # what `prune --count` uses: the one held to the 10% bar
@@ -163,90 +161,3 @@ def run_study(
         criteria=studies,
         seconds=time.perf_counter() - started,
     )
-
-
-def _cell(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def markdown(result: StudyResult) -> str:
-    """Tables for people: PPL (KLD) per criterion and count, ranking agreement and cost, and the 10% bar."""
-    ev, cal = result.evaluation, result.calibration
-    lines = [
-        f"Model {Path(result.model).name} ({result.n_layers} layers); flash attention on; "
-        f"evaluation: {ev['chunks']} chunks x {ev['ctx']} tokens of {Path(ev['text']).name} from chunk {ev['first_chunk']} "
-        f"({ev['tokens_scored']} tokens scored); base PPL {result.base_ppl:.3f} ± {result.base_ppl_stderr:.3f}.",
-    ]
-    if cal:
-        lines.append(
-            f"Calibration (data-driven criteria): {cal['chunks']} chunk(s) x {cal['ctx']} tokens of "
-            f"{Path(cal['text']).name} from chunk {cal['first_chunk']}."
-        )
-    header = "| criterion | scoring s | ρ vs loo-ppl | " + " | ".join(f"k={k} PPL (KLD)" for k in result.counts) + " |"
-    lines += ["", header, "|---|" + "---:|" * (2 + len(result.counts))]
-    for study in result.criteria:
-        cells = [f"{p.ppl:.3f} ({p.kld:.3f})" for p in study.points]
-        lines.append(
-            f"| {study.ranking.criterion} | {study.ranking.seconds:.3g} | {_cell(study.spearman_vs_loo_ppl)} | "
-            + " | ".join(cells)
-            + " |"
-        )
-    lines += ["", "| criterion | prune order (first " + str(max(result.counts)) + ") |", "|---|---|"]
-    for study in result.criteria:
-        lines.append(f"| {study.ranking.criterion} | {', '.join(map(str, study.ranking.prune_order[: max(result.counts)]))} |")
-    oracle = result.criterion(ORACLE)
-    data_free = [s for s in result.criteria if s.ranking.criterion not in DATA_DRIVEN]
-    if oracle and data_free:
-        lines += ["", f"PPL relative to {ORACLE} (the bar: within {BAR:.0%} at every k):", ""]
-        lines.append("| criterion | " + " | ".join(f"k={k}" for k in result.counts) + " | within bar |")
-        lines.append("|---|" + "---:|" * len(result.counts) + "---|")
-        for study in data_free:
-            ratios = [p.ppl / o.ppl - 1 for p, o in zip(study.points, oracle.points)]
-            within = all(p.ppl <= (1 + BAR) * o.ppl for p, o in zip(study.points, oracle.points))
-            verdict = "yes" if within else f"no (worst {max(ratios):+.1%})"
-            name = study.ranking.criterion + (" (default)" if study.ranking.criterion == DEFAULT_CRITERION else "")
-            lines.append(f"| {name} | " + " | ".join(f"{r:+.1%}" for r in ratios) + f" | {verdict} |")
-    lines.append("")
-    lines.append(f"{result.models_evaluated} pruned models evaluated; study took {result.seconds:.0f} s.")
-    return "\n".join(lines) + "\n"
-
-
-def save_plots(result: StudyResult, folder: Path) -> list[Path]:
-    """``<model>-ppl-kld.png`` (PPL and KLD against k per criterion) and ``<model>-scores.png`` (per-layer scores)."""
-    plt = require_matplotlib()
-    stem = Path(result.model).stem
-    paths = [folder / f"{stem}-ppl-kld.png", folder / f"{stem}-scores.png"]
-    figure, (ppl_axes, kld_axes) = plt.subplots(1, 2, figsize=(12, 4.2))
-    colors = plt.get_cmap("tab20").colors
-    ks = [0] + result.counts
-    for index, study in enumerate(result.criteria):
-        style = dict(linestyle="--" if study.ranking.criterion in DATA_DRIVEN else "-", marker="o", color=colors[index % 20])
-        ppl_axes.plot(ks, [result.base_ppl] + [p.ppl for p in study.points], **style)
-        kld_axes.plot(ks, [0.0] + [p.kld for p in study.points], label=study.ranking.criterion, **style)
-    ppl_axes.set_yscale("log")
-    for axes, label in ((ppl_axes, "perplexity (log scale)"), (kld_axes, "KL divergence from base (nats/token)")):
-        axes.set_xlabel("attention sublayers removed (k)")
-        axes.set_ylabel(label)
-        axes.set_xticks(ks)
-        axes.grid(alpha=0.3)
-    kld_axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="dashed: data-driven", title_fontsize=8)
-    figure.suptitle(f"{Path(result.model).name}: evaluation {result.evaluation['chunks']} x {result.evaluation['ctx']} tokens, FA on")
-    figure.tight_layout()
-    save_figure(figure, paths[0], dpi=110)
-
-    layers = list(range(1, result.n_layers))
-    figure, axes_list = plt.subplots(len(result.criteria), 1, figsize=(max(6.0, 0.28 * len(layers)), 1.3 * len(result.criteria) + 0.6), sharex=True, squeeze=False)
-    for axes, study in zip(axes_list[:, 0], result.criteria):
-        values = np.array([study.ranking.scores[i] for i in layers], dtype=np.float64)
-        spread = np.ptp(values) or 1.0
-        first = set(study.ranking.prune_order[: max(result.counts)])
-        colors = ["tab:red" if i in first else "tab:blue" for i in layers]
-        axes.bar(layers, 0.05 + (values - values.min()) / spread, color=colors)
-        rho = "" if study.spearman_vs_loo_ppl is None else f"  ρ={study.spearman_vs_loo_ppl:+.2f}"
-        axes.set_ylabel(study.ranking.criterion + rho, rotation=0, ha="right", va="center", fontsize=8)
-        axes.set_yticks([])
-    axes_list[-1, 0].set_xlabel(f"layer (red: the first {max(result.counts)} removed; bars: score scaled to its min..max, low = removed first)")
-    axes_list[-1, 0].set_xticks(layers)
-    figure.tight_layout()
-    save_figure(figure, paths[1], dpi=110)
-    return paths

@@ -11,7 +11,8 @@ from gatenorm_edge.criteria import CRITERIA, CriterionResult
 from gatenorm_edge.harness.kld import kl_divergence
 from gatenorm_edge.rewrite import prune_gguf
 from gatenorm_edge.evaluation import EvalPoint, PrunedEvaluator, TextChunks
-from gatenorm_edge.study import CriterionStudy, StudyResult, markdown
+from gatenorm_edge.report import study_markdown as markdown
+from gatenorm_edge.study import CriterionStudy, StudyResult
 from cli_helpers import run_cli
 
 

@@ -21,6 +21,7 @@ import pytest
 from gatenorm_edge.errors import GatenormError
 from gatenorm_edge.harness import zeroshot as zs
 from gatenorm_edge.harness.logprobs import stderr_of_mean
+from gatenorm_edge.report import zeroshot_markdown_rows
 from gatenorm_edge.harness.model import open_model
 from cli_helpers import run_cli
 
@@ -282,7 +283,7 @@ def test_before_after_rows_for_compare(smollm2: Path, tiny_data: Path, tmp_path:
         report = zs.evaluate(path, "rte,hellaswag", data_dir=tiny_data, cache_dir=cache, n_threads=1)
         assert all(task.reused == task.n for task in report.tasks)  # the table's runs were cached per model
         assert [row[side] for row in rows] == [report.tasks[0].acc, report.tasks[1].acc_norm, report.average_best[0]]
-    cells = zs.zeroshot_markdown_rows(rows)
+    cells = zeroshot_markdown_rows(rows)
     assert cells[0][0] == "rte acc (n=2)" and len(cells) == 3 and all(len(row) == 4 for row in cells)
 
 

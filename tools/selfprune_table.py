@@ -1,7 +1,8 @@
 """Markdown tables from `tools/selfprune_study.py` outputs: PPL relative to base per recipe, K and text.
 
-Usage: python tools/selfprune_table.py NAME=OUT [NAME=OUT ...]   (e.g. SmolLM2=/work/study/smol)
-A cell is `ratio× (PPL ± stderr)`; a dash where that item has not been measured.
+Usage: python tools/selfprune_table.py NAME=OUT [NAME=OUT ...] [--update FILE]   (e.g. SmolLM2=/work/study/smol)
+A cell is `ratio× (PPL ± stderr)`; a dash where that item has not been measured. With --update FILE the
+tables replace those in FILE, from the first table's bold title up to the line "**Against the goal**".
 """
 
 from __future__ import annotations
@@ -37,9 +38,20 @@ def table(label: str, out: Path) -> str:
 
 
 def main() -> None:
-    for argument in sys.argv[1:]:
-        label, folder = argument.split("=", 1)
-        print(table(label, Path(folder)) + "\n")
+    arguments = sys.argv[1:]
+    target = None
+    if "--update" in arguments:
+        index = arguments.index("--update")
+        target = Path(arguments[index + 1])
+        del arguments[index : index + 2]
+    tables = "\n\n".join(table(*argument.split("=", 1)[:1], Path(argument.split("=", 1)[1])) for argument in arguments)
+    if target is None:
+        print(tables + "\n")
+        return
+    text = target.read_text()
+    first_title = "**" + arguments[0].split("=", 1)[0] + "**"
+    start, end = text.index(first_title), text.index("**Against the goal**")
+    target.write_text(text[:start] + tables + "\n\n" + text[end:])
 
 
 if __name__ == "__main__":

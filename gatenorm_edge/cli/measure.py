@@ -123,8 +123,8 @@ def compare(
     """
     from ..harness.compare import compare as compare_models
     from ..harness.speed import BenchSettings
-    from ..harness.zeroshot import default_data_dir, load_task, parse_tasks, zeroshot_markdown_rows, zeroshot_table
-    from ..report import compare_markdown, markdown_table, write_json, write_markdown
+    from ..harness.zeroshot import default_data_dir, load_task, parse_tasks, zeroshot_table
+    from ..report import compare_markdown, markdown_table, write_json, write_markdown, zeroshot_markdown_rows
 
     check_output_folders(md_path, json_path)
     if zeroshot is not None:  # check tasks, data and --limit before the long runs

@@ -16,16 +16,6 @@ Criterion = choices("Criterion", (SELF, *CRITERIA))
 Mode = choices("Mode", MODES)
 
 
-def _mb(n_bytes: int) -> str:
-    return f"{n_bytes / 1e6:.2f} MB"
-
-
-def _markdown(rows: list[tuple[str, Any]]) -> str:
-    from ..report import markdown_table
-
-    return markdown_table(["", ""], [[key, str(value)] for key, value in rows])
-
-
 @app.command(
     epilog=(
         "Examples:\n\n"
@@ -87,7 +77,7 @@ def prune(
     """
     from ..criteria import choose_layers
     from ..recovery import check_recovery_options, prune_with_recovery
-    from ..report import write_json
+    from ..report import prune_markdown, write_json
     from ..selfprune import self_prune
 
     check_output_folders(json_path)
@@ -117,18 +107,7 @@ def prune(
                    ("seconds", f"{result.seconds:.2f}")]
     if json_path is not None:
         write_json(json_path, result.to_dict() | details)
-    typer.echo(
-        _markdown([
-            ("input", f"{model} ({result.architecture}, {result.n_layers} layers)"),
-            ("output", f"{out} (deci)"),
-            ("attention-free layers", ", ".join(map(str, result.layers_pruned)) or "none"),
-            ("linear-attention layers", ", ".join(map(str, result.linear_layers)) or "none"),
-            ("size", f"{_mb(result.bytes_in)} -> {_mb(result.bytes_out)}"),
-            ("dropped tensors", f"{len(result.dropped_tensors)} ({_mb(result.dropped_bytes)})"),
-            ("Q/K tensors reordered for RoPE", len(result.permuted_tensors)),
-            *summary,
-        ])
-    )
+    typer.echo(prune_markdown(result, model, out, summary))
 
 
 @app.command(
@@ -140,26 +119,9 @@ def inspect(
 ) -> None:
     """Show a GGUF's architecture, layers, attention-free layers, size, tensor types and attention cost per token."""
     from ..inspection import inspect_gguf
-    from ..report import ATTENTION_COST_LABELS, attention_layer_kinds, markdown_table, write_json
+    from ..report import inspect_markdown, write_json
 
     info = inspect_gguf(model)
     if json_path is not None:
         write_json(json_path, info)
-    rows: list[tuple[str, Any]] = [
-        ("file", info["file"]),
-        ("architecture", info["architecture"]),
-        ("layers", info["n_layers"]),
-        ("attention-free layers", ", ".join(map(str, info["attention_free_layers"])) or "none"),
-        ("size", _mb(info["size_bytes"])),
-        ("tensors", info["n_tensors"]),
-    ]
-    rows += [(f"gatenorm.{key}", value) for key, value in info["gatenorm"].items()]
-    cost = info["attention_cost"]
-    if cost:
-        rows.append(("attention layers", attention_layer_kinds(cost)))
-        rows += [(label, f"{cost['per_token'][key]:,}") for key, label in ATTENTION_COST_LABELS]
-    types = markdown_table(
-        ["tensor type", "count", "bytes"],
-        [[name, str(entry["count"]), str(entry["bytes"])] for name, entry in info["tensor_types"].items()],
-    )
-    typer.echo(_markdown(rows) + "\n\n" + types)
+    typer.echo(inspect_markdown(info))

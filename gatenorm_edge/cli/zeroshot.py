@@ -40,7 +40,7 @@ def zeroshot(
 ) -> None:
     """Zero-shot accuracy (acc, acc_norm ± stderr) on BoolQ, RTE, HellaSwag, WinoGrande, ARC, OpenBookQA, PIQA."""
     from ..harness.zeroshot import evaluate
-    from ..report import write_json
+    from ..report import write_json, zeroshot_markdown
 
     check_output_folders(json_path)
     if threads is not None and threads < 1:
@@ -59,4 +59,4 @@ def zeroshot(
         write_json(json_path, report)
     plural = "s" if report.n_threads != 1 else ""
     typer.echo(f"{model} (flash attention {'on' if flash_attn else 'off'}, {report.n_threads} thread{plural})\n")
-    typer.echo(report.markdown())
+    typer.echo(zeroshot_markdown(report))

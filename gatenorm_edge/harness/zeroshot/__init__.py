@@ -43,12 +43,12 @@ from ...sources.geometry import gguf_geometry
 from ..model import LoadedModel, open_model
 from .cache import ExampleResult, ResultsFile, default_cache_dir, results_path
 from .loglikelihood import choice_loglikelihoods, encode_pair, shared_prefix, tokenize_example
-from .report import TaskResult, ZeroShotReport, is_correct, zeroshot_markdown_rows
+from .report import TaskResult, ZeroShotReport, is_correct
 from .tasks import TASKS, Example, default_data_dir, load_task, parse_tasks, task_file
 
 __all__ = [
     "TASKS", "Example", "ResultsFile", "choice_loglikelihoods", "default_data_dir", "encode_pair", "evaluate",
-    "is_correct", "load_task", "parse_tasks", "shared_prefix", "tokenize_example", "zeroshot_markdown_rows",
+    "is_correct", "load_task", "parse_tasks", "shared_prefix", "tokenize_example",
     "zeroshot_table",
 ]
 

@@ -107,35 +107,3 @@ class ZeroShotReport:
                 "acc_norm_or_acc_stderr": best_stderr,
             },
         }
-
-    def markdown(self) -> str:
-        """A Markdown table: task, n, acc ± stderr, acc_norm ± stderr, CPU minutes; then the averages."""
-        lines = ["| task | n | acc | acc_norm | CPU min |", "|---|---:|---:|---:|---:|"]
-        for task in self.tasks:
-            lines.append(
-                f"| {task.task} | {task.n} | {_pm(task.acc, task.acc_stderr)} | "
-                f"{_pm(task.acc_norm, task.acc_norm_stderr)} | {task.cpu_seconds / 60:.1f} |"
-            )
-        average, average_stderr = self.average_acc
-        best, best_stderr = self.average_best
-        cpu = sum(task.cpu_seconds for task in self.tasks) / 60
-        lines.append(f"| **average** | {sum(t.n for t in self.tasks)} | {_pm(average, average_stderr)} | "
-                     f"{_pm(best, best_stderr)}¹ | {cpu:.1f} |")
-        lines.append("")
-        lines.append("¹ average of acc_norm where the task reports it, acc elsewhere.")
-        return "\n".join(lines)
-
-
-def _pm(value: float | None, error: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.4f} ± {error:.4f}" if error is not None else f"{value:.4f}"
-
-
-def zeroshot_markdown_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """``zeroshot_table`` rows as cells for a (measure, base, pruned, pruned / base) Markdown table."""
-    return [
-        [f"{row['measure']} (n={row['n']})", _pm(row["base"], row["base_stderr"]),
-         _pm(row["pruned"], row["pruned_stderr"]), f"{row['pruned'] / row['base']:.3f}×" if row["base"] else ""]
-        for row in rows
-    ]

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .harness.compare import CompareResult
     from .harness.perplexity import PerplexityResult
     from .harness.speed import BenchResult, Spread
-    from .harness.zeroshot.report import ZeroShotReport
+    from .harness.zeroshot.report import ZeroShotReport, ZeroShotRow
     from .inspection import Inspection
     from .rewrite import PruneResult
     from .scoring import ScoreReport
@@ -282,11 +282,11 @@ def _pm(value: float | None, error: float | None) -> str:
     return f"{value:.4f} ± {error:.4f}" if error is not None else f"{value:.4f}"
 
 
-def zeroshot_markdown_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+def zeroshot_markdown_rows(rows: Sequence[ZeroShotRow]) -> list[list[str]]:
     """``zeroshot_table`` rows as cells for a (measure, base, pruned, pruned / base) Markdown table."""
     return [
-        [f"{row['measure']} (n={row['n']})", _pm(row["base"], row["base_stderr"]),
-         _pm(row["pruned"], row["pruned_stderr"]), f"{row['pruned'] / row['base']:.3f}×" if row["base"] else ""]
+        [f"{row.measure} (n={row.n})", _pm(row.base, row.base_stderr),
+         _pm(row.pruned, row.pruned_stderr), f"{row.pruned / row.base:.3f}×" if row.base else ""]
         for row in rows
     ]
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..inspection import attention_cost
 from ..sources import GGUFFile
 from .kld import DivergenceResult, kl_divergence
 from .speed import BenchResult, BenchSettings, bench
+
+if TYPE_CHECKING:
+    from .zeroshot.report import ZeroShotRow
 
 KLD_KEYS = ("tokens", "kld_mean", "kld_stderr", "kld_median", "kld_p99", "kld_max", "top1_agreement")
 
@@ -30,7 +33,7 @@ class CompareResult:
     divergence: DivergenceResult
     speed: BenchResult | None
     seconds: float
-    zeroshot: list[dict[str, Any]] | None = None
+    zeroshot: list[ZeroShotRow] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = self.divergence
@@ -42,7 +45,7 @@ class CompareResult:
             "speed": self.speed.to_dict() if self.speed is not None else None,
             "seconds": self.seconds,
         }
-        return data if self.zeroshot is None else data | {"zeroshot": self.zeroshot}
+        return data if self.zeroshot is None else data | {"zeroshot": [asdict(row) for row in self.zeroshot]}
 
 
 def compare(

@@ -43,7 +43,7 @@ from ...sources.geometry import gguf_geometry
 from ..model import LoadedModel, open_model
 from .cache import ExampleResult, ResultsFile, default_cache_dir, results_path
 from .loglikelihood import choice_loglikelihoods, encode_pair, shared_prefix, tokenize_example
-from .report import TaskResult, ZeroShotReport, is_correct
+from .report import TaskResult, ZeroShotReport, ZeroShotRow, is_correct
 from .tasks import TASKS, Example, default_data_dir, load_task, parse_tasks, task_file
 
 __all__ = [
@@ -142,11 +142,8 @@ def zeroshot_table(
     n_threads: int | None = None,
     flash_attn: bool = True,
     progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Accuracy before vs after, one row per task (acc_norm where lm-eval reports it, acc elsewhere) + the average.
-
-    Each row: ``{"measure", "n", "base", "base_stderr", "pruned", "pruned_stderr"}`` (JSON-ready).
-    """
+) -> list[ZeroShotRow]:
+    """Accuracy before vs after, one row per task (acc_norm where lm-eval reports it, acc elsewhere) + the average."""
     reports = [
         evaluate(path, tasks, data_dir=data_dir, limit=limit, cache_dir=cache_dir, n_threads=n_threads,
                  flash_attn=flash_attn, progress=progress)
@@ -155,15 +152,14 @@ def zeroshot_table(
     rows = []
     for before, after in zip(reports[0].tasks, reports[1].tasks):
         metric = "acc_norm" if before.acc_norm is not None else "acc"
-        rows.append({
-            "measure": f"{before.task} {metric}",
-            "n": before.n,
-            "base": getattr(before, metric),
-            "base_stderr": getattr(before, f"{metric}_stderr"),
-            "pruned": getattr(after, metric),
-            "pruned_stderr": getattr(after, f"{metric}_stderr"),
-        })
+        rows.append(ZeroShotRow(
+            measure=f"{before.task} {metric}",
+            n=before.n,
+            base=getattr(before, metric),
+            base_stderr=getattr(before, f"{metric}_stderr"),
+            pruned=getattr(after, metric),
+            pruned_stderr=getattr(after, f"{metric}_stderr"),
+        ))
     (base_avg, base_se), (pruned_avg, pruned_se) = reports[0].average_best, reports[1].average_best
-    rows.append({"measure": "zero-shot average", "n": sum(row["n"] for row in rows), "base": base_avg,
-                 "base_stderr": base_se, "pruned": pruned_avg, "pruned_stderr": pruned_se})
+    rows.append(ZeroShotRow("zero-shot average", sum(row.n for row in rows), base_avg, base_se, pruned_avg, pruned_se))
     return rows

@@ -107,3 +107,15 @@ class ZeroShotReport:
                 "acc_norm_or_acc_stderr": best_stderr,
             },
         }
+
+
+@dataclass
+class ZeroShotRow:
+    """One line of a before-vs-after zero-shot table: a task's headline metric (or the average) for both."""
+
+    measure: str
+    n: int
+    base: float | None
+    base_stderr: float | None
+    pruned: float | None
+    pruned_stderr: float | None

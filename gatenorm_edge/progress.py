@@ -8,9 +8,21 @@ from typing import Protocol
 
 from rich.console import Console
 from rich.progress import (
-    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+
+DESCRIPTION_WIDTH = 28  # with the bar, the count, a status such as "tg d4096 123.4 t/s" and the time
+BAR_WIDTH = 12  # left, a line fits 80 columns
+
+
+def fit(text: str, width: int) -> str:
+    """``text``, or its start and end around an ellipsis when longer than ``width``."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
 class Ticker(Protocol):
@@ -27,15 +39,15 @@ def progress_bar(description: str, total: int, enabled: bool, in_bytes: bool = F
     if not enabled:
         yield lambda advance=1, status=None: None
         return
+    description = fit(description, DESCRIPTION_WIDTH)
     if in_bytes:
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        columns = (TextColumn("{task.description}"), BarColumn(bar_width=BAR_WIDTH), DownloadColumn(), TransferSpeedColumn())
     else:
         columns = (
             TextColumn("{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=BAR_WIDTH),
             MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
     with Progress(*columns, console=Console(stderr=True), transient=in_bytes) as bar:

@@ -17,7 +17,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +228,7 @@ class Tally:
 
     cases: int = 0
     clean_errors: int = 0
-    crashes: dict[str, int] | None = None
+    crashes: dict[str, int] = field(default_factory=dict)
 
     def record(self, reader: Callable[[Path], None], data: bytes, folder: Path) -> str | None:
         """Run one case; None if it ended in a result or a GatenormError, else the crash's description."""
@@ -243,7 +243,7 @@ class Tally:
         except Exception as exc:  # noqa: BLE001 (any other exception is what we count)
             frame = traceback.extract_tb(exc.__traceback__)[-1]
             crash = f"{type(exc).__name__} at {Path(frame.filename).name}:{frame.lineno}"
-            self.crashes = (self.crashes or {}) | {crash: (self.crashes or {}).get(crash, 0) + 1}
+            self.crashes[crash] = self.crashes.get(crash, 0) + 1
             return crash
         return None
 
@@ -278,8 +278,8 @@ def run() -> dict[str, object]:
         result[name] = {
             "cases": tally.cases,
             "clean_errors": tally.clean_errors,
-            "crashes": sum((tally.crashes or {}).values()),
-            "crash_kinds": tally.crashes or {},
+            "crashes": sum(tally.crashes.values()),
+            "crash_kinds": tally.crashes,
             "seconds": round(time.perf_counter() - started, 1),
         }
     return result

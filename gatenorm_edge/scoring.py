@@ -141,9 +141,6 @@ class ScoreReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
-
     @classmethod
     def from_dict(cls, data: Any, where: str = "score report") -> ScoreReport:
         """Validate a decoded JSON report; every problem becomes a one-line GatenormError."""

@@ -112,3 +112,11 @@ def test_the_tally_counts_a_crash(tmp_path: Path) -> None:
     assert tally.record(broken_reader, b"not json", tmp_path) is not None
     assert tally.record(broken_reader, b"[1]", tmp_path) is None
     assert tally.cases == 2 and sum(tally.crashes.values()) == 1 and np.isscalar(tally.clean_errors)
+
+
+def test_safetensors_errors_name_the_entry_and_its_offsets(tmp_path: Path) -> None:
+    header, data_bytes = safetensors_seed()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(safetensors_file(header, data_bytes)[:-4])  # the last tensor's bytes cut short
+    with pytest.raises(GatenormError, match=r"tensor c\.weight's data_offsets \[32, 40\] \(bytes \d+\.\.\d+\) run past the end"):
+        read_header(path)

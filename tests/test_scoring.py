@@ -13,6 +13,7 @@ from gguf.quants import dequantize
 
 import tiny_models as tm
 from gatenorm_edge.errors import GatenormError
+from gatenorm_edge.report import write_json
 from gatenorm_edge.scoring import VARIANTS, ScoreReport, _widen_float16, full_score, per_head_score, score_layer, score_model
 from gatenorm_edge.sources import open_source
 from gatenorm_edge.sources.rope_layout import hf_to_gguf_rows
@@ -193,7 +194,7 @@ def test_report_json_contract_round_trips(tiny: dict[str, Path], tmp_path: Path)
     assert list(data) == ["model", "architecture", "n_layers", "variant", "seconds", "layers", "prune_order"]
     assert all(list(entry) == ["layer", "score"] for entry in data["layers"])
     path = tmp_path / "scores.json"
-    path.write_text(report.to_json())
+    write_json(path, report)
     assert ScoreReport.from_json(path) == report
 
 

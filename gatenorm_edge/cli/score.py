@@ -38,8 +38,7 @@ def score(
 
       gatenorm-edge score ./Llama-2-13b-hf --variant folded --plot scores.png
     """
-    from ..fileio import write_text_atomic
-    from ..report import prune_order_line, require_matplotlib, save_score_plot, score_markdown
+    from ..report import prune_order_line, require_matplotlib, save_score_plot, score_markdown, write_json
     from ..scoring import score_model
 
     check_output_folders(json_path, plot)
@@ -50,7 +49,7 @@ def score(
     typer.echo(prune_order_line(report))
     typer.echo(f"Scored {report.n_layers} layers of a {report.architecture} model ({report.variant}) in {report.seconds:.2f} s.")
     if json_path is not None:
-        write_text_atomic(json_path, report.to_json())
+        write_json(json_path, report)
         typer.echo(f"wrote {json_path}")
     if plot is not None:
         save_score_plot(report, plot)

@@ -65,9 +65,12 @@ def _parse_entry(path: Path, name: str, spec: object, data_start: int, file_size
     begin, end = offsets
     storage = STORAGE_DTYPES.get(dtype)
     if storage is not None and end - begin != math.prod(shape) * storage.itemsize:
-        raise _bad(path, f"tensor {name} has {end - begin} bytes, but its shape {shape} needs a different size")
+        raise _bad(path, f"tensor {name}'s data_offsets {offsets} span {end - begin} bytes, but its shape {shape} needs a different size")
     if data_start + end > file_size:
-        raise _bad(path, f"truncated safetensors file: tensor {name} runs past the end ({file_size} bytes)")
+        raise _bad(
+            path, f"truncated safetensors file: tensor {name}'s data_offsets {offsets} (bytes {data_start + begin}.."
+            f"{data_start + end}) run past the end ({file_size} bytes)"
+        )
     return TensorEntry(name, path, dtype, tuple(shape), data_start + begin, end - begin)
 
 
@@ -82,9 +85,9 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise _bad(path, f"not a safetensors file (only {file_size} bytes)")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > file_size - 8:
-            raise _bad(path, f"header length {header_len} runs past the end of the file ({file_size} bytes)")
+            raise _bad(path, f"header length {header_len} (offset 0) runs past the end of the file ({file_size} bytes)")
         if header_len > MAX_HEADER_BYTES:
-            raise _bad(path, f"header length {header_len} is implausibly large")
+            raise _bad(path, f"header length {header_len} (offset 0) is implausibly large")
         raw = handle.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))

@@ -38,8 +38,8 @@ import numpy as np
 from ...errors import GatenormError
 from ...fileio import file_sha256
 from ...progress import progress_bar
-from ...sources.geometry import gguf_geometry
-from ..model import LoadedModel, open_model
+from ...sources import GGUFFile
+from ..model import LoadedModel, open_model, training_context
 from .cache import ExampleResult, ResultsFile, default_cache_dir, results_path
 from .loglikelihood import choice_loglikelihoods, encode_pair, shared_prefix, tokenize_example
 from .report import TaskResult, ZeroShotReport, ZeroShotRow, is_correct
@@ -90,7 +90,7 @@ def evaluate_task(
 
 def model_context(model_path: Path) -> int:
     """The training context (from the GGUF), capped: the KV cache only ever holds one example's tokens."""
-    trained = gguf_geometry(model_path).context_length
+    trained = training_context(GGUFFile(model_path))
     return min(trained or MAX_CONTEXT, MAX_CONTEXT)
 
 

@@ -14,7 +14,7 @@ from gguf.quants import dequantize
 
 import tiny_models as tm
 from gatenorm_edge.scoring import ScoreReport, score_model
-from cli_helpers import run_cli, run_cli_here
+from cli_helpers import assert_one_line_error, run_cli, run_cli_here
 
 CONFIG = tm.TinyConfig()
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,3 +195,23 @@ def test_bad_input_is_one_line_error(tmp_path: Path, case: str, make: Callable[[
     assert "Traceback" not in result.stderr
     assert list(outputs.iterdir()) == []
     assert _snapshot(inputs) == before
+
+
+@pytest.mark.parametrize(
+    ("arch", "prune_reason"),
+    [
+        ("deci", None),  # prunable again, but not scorable
+        ("gemma2", "logit soft-capping"),
+        ("phi3", "fused gate/up feed-forward"),
+        ("qwen2moe", "mixture-of-experts"),
+        ("olmo2", "post-sublayer norms"),
+    ],
+)
+def test_architectures_marked_no_are_refused_in_one_line(tmp_path: Path, arch: str, prune_reason: str | None) -> None:
+    """README's architecture table: each "no" is a one-line refusal, with its reason for prune."""
+    model = tm.write_llama_gguf(tmp_path / f"{arch}.gguf", CONFIG, arch=arch)
+    assert_one_line_error(run_cli_here("score", model), f"architecture '{arch}' is not supported")
+    if prune_reason is not None:
+        refused = run_cli_here("prune", model, tmp_path / "out.gguf", "--layers", "1")
+        assert_one_line_error(refused, f"cannot prune architecture '{arch}'", prune_reason)
+        assert not (tmp_path / "out.gguf").exists()

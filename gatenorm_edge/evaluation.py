@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -19,6 +18,16 @@ from .harness.model import open_model
 from .harness.perplexity import NllStats, chunk_logits, count_chunks
 from .harness.text import read_text
 from .rewrite import prune_gguf
+
+
+@dataclass(frozen=True)
+class ChunkSpan:
+    """Which tokens of which text: ``chunks`` x ``ctx`` tokens from chunk ``first_chunk`` on."""
+
+    text: str
+    ctx: int
+    first_chunk: int
+    chunks: int
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,9 @@ class TextChunks:
         kept = tokens[first_chunk * ctx : (first_chunk + chunks) * ctx]
         return cls(str(text), ctx, first_chunk, chunks, bos_token, kept)
 
-    def describe(self) -> dict[str, Any]:
-        return {"text": self.text, "ctx": self.ctx, "first_chunk": self.first_chunk, "chunks": self.chunks}
+    @property
+    def span(self) -> ChunkSpan:
+        return ChunkSpan(self.text, self.ctx, self.first_chunk, self.chunks)
 
 
 @dataclass

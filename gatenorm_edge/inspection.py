@@ -16,6 +16,32 @@ from .sources.geometry import ModelGeometry
 KV_BYTES_PER_VALUE = 2  # llama.cpp's default F16 K and V cache
 
 
+@dataclass(frozen=True)
+class AttentionCost:
+    """Per-token cost of a file's attention sublayers as it stands, and which layers are of which kind.
+
+    ``flops``: 2 per weight of the Q/K/V/O (or linear) matrices; ``flops_per_context_token``: the
+    softmax attention's QK and AV products, 4 x heads x head size per cached token; ``weight_bytes``:
+    attention tensor bytes read per token; ``kv_bytes``: K and V cache bytes added per token (F16).
+    """
+
+    attention: list[int]
+    linear: list[int]
+    free: list[int]
+    flops: int
+    flops_per_context_token: int
+    weight_bytes: int
+    kv_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON layout of ``inspect`` and ``compare``: the layers by kind, then the per-token figures."""
+        fields = asdict(self)
+        return {
+            "layers": {kind: fields.pop(kind) for kind in ("attention", "linear", "free")},
+            "per_token": fields,
+        }
+
+
 @dataclass
 class Inspection:
     """What ``inspect`` reports about one GGUF; ``to_dict`` is the ``inspect --json`` contract."""
@@ -30,10 +56,10 @@ class Inspection:
     n_tensors: int
     tensor_types: dict[str, dict[str, int]]
     gatenorm: dict[str, Any]
-    attention_cost: dict[str, Any]
+    attention_cost: AttentionCost | None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"attention_cost": cost_dict(self.attention_cost)}
 
 
 def _geometry(model: GGUFLayout) -> ModelGeometry | None:
@@ -44,15 +70,15 @@ def _geometry(model: GGUFLayout) -> ModelGeometry | None:
         return None
 
 
-def _attention_cost(model: GGUFLayout, geometry: ModelGeometry | None) -> dict[str, Any]:
-    """Per-token cost of the attention sublayers as the file stands, by layer kind.
+def cost_dict(cost: AttentionCost | None) -> dict[str, Any]:
+    """A cost's JSON, ``{}`` for a file whose metadata has no geometry."""
+    return cost.to_dict() if cost is not None else {}
 
-    ``flops``: 2 per weight of the Q/K/V/O (or linear) matrices; ``flops_per_context_token``: the
-    softmax attention's QK and AV products, 4 x heads x head size per cached token; ``weight_bytes``:
-    attention tensor bytes read per token; ``kv_bytes``: K and V cache bytes added per token (F16).
-    """
+
+def _attention_cost(model: GGUFLayout, geometry: ModelGeometry | None) -> AttentionCost | None:
+    """The file's ``AttentionCost``, None when its metadata lacks a geometry."""
     if geometry is None:
-        return {}
+        return None
     heads, kv_heads = geometry.head_count, geometry.head_count_kv
     kinds: dict[str, list[int]] = {"attention": [], "linear": [], "free": []}
     cost = {"flops": 0, "flops_per_context_token": 0, "weight_bytes": 0, "kv_bytes": 0}
@@ -69,10 +95,10 @@ def _attention_cost(model: GGUFLayout, geometry: ModelGeometry | None) -> dict[s
         if kind == "attention":
             cost["flops_per_context_token"] += 4 * heads[layer] * geometry.head_dim
             cost["kv_bytes"] += 2 * kv_heads[layer] * geometry.head_dim * KV_BYTES_PER_VALUE
-    return {"layers": kinds, "per_token": cost}
+    return AttentionCost(**kinds, **cost)
 
 
-def attention_cost(path: Path | str) -> dict[str, Any]:
+def attention_cost(path: Path | str) -> AttentionCost | None:
     """Per-token FLOPs, weight bytes and KV bytes of a file's attention sublayers (see ``inspect_gguf``)."""
     with GGUFLayout(path) as model:
         return _attention_cost(model, _geometry(model))

@@ -1,5 +1,8 @@
 """The names and defaults the commands offer (variants, criteria, modes, tasks): their one home, in a module
-light enough for ``--help`` to import without NumPy or llama.cpp."""
+light enough for ``--help`` to import without NumPy or llama.cpp; and the one parser of comma-separated
+option values."""
+
+from .errors import GatenormError
 
 VARIANTS = ("per-head", "full", "folded")  # Gate-Norm (scoring)
 WEIGHT_CRITERIA = VARIANTS + ("ov", "qk-ov")
@@ -15,3 +18,22 @@ DEFAULT_CALIB_CTX = 512
 DEFAULT_RIDGE = 1e-2
 
 TASK_NAMES = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
+
+
+def comma_names(option: str, text: str, choices: tuple[str, ...]) -> list[str]:
+    """'boolq, rte' -> ['boolq', 'rte'] (order kept, duplicates dropped), each checked against ``choices``."""
+    names = list(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
+    if not names:
+        raise GatenormError(f"{option}: nothing given; choose from {', '.join(choices)}")
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        raise GatenormError(f"{option}: unknown {unknown[0]!r}; choose from {', '.join(choices)}")
+    return names
+
+
+def comma_ints(option: str, text: str, example: str) -> list[int]:
+    """'12,20,25' -> [12, 20, 25]; anything else is one GatenormError naming ``option`` with an ``example``."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise GatenormError(f"{option} takes comma-separated whole numbers such as {example}, not {text!r}") from None

@@ -33,7 +33,8 @@ from .fileio import work_folder
 from .harness.model import open_model
 from .harness.perplexity import count_chunks, perplexity
 from .progress import progress_bar
-from .harness.text import bos_chunk, read_text
+from .harness.selfcal import text_calibration
+from .harness.text import read_text
 from .reference import ReferenceModel, rms_norm
 from .rewrite import PruneResult, check_output_path, prune_gguf
 from .rewrite_plan import LinearMaps, plan_rewrite
@@ -104,17 +105,8 @@ def fold_vo_maps(src: Path, alpha: float) -> LinearMaps:
 
 def calibration_sequences(model_path: Path, text: Path, n_tokens: int, seq_len: int) -> list[np.ndarray]:
     """``n_tokens`` tokens of ``text`` in sequences of ``seq_len``, each starting with BOS as perplexity chunks do."""
-    content = read_text(text)
     with contextlib.closing(open_model(model_path, n_ctx=seq_len)) as model:
-        tokens = np.asarray(model.tokenize_text(content), dtype=np.int64)
-        bos = model.bos_token
-    n_seq = max(1, n_tokens // seq_len)
-    if len(tokens) < n_seq * seq_len:
-        raise GatenormError(
-            f"{text}: {len(tokens)} tokens, calibration needs {n_seq * seq_len} ({n_seq} x {seq_len}); "
-            "give a longer text or fewer --calib-tokens"
-        )
-    return [bos_chunk(tokens, i, seq_len, bos) for i in range(n_seq)]
+        return text_calibration(model, text, read_text(text), seq_len, max(1, n_tokens // seq_len)).arrays()
 
 
 def ridge_solve(gram: np.ndarray, cross: np.ndarray, ridge: float) -> np.ndarray:
@@ -258,10 +250,9 @@ def prune_with_recovery(
             raise GatenormError("--calib-tokens and --calib-ctx must be positive and --ridge at least 0")
         sequences = calibration_sequences(src, calib_text, calib_tokens, calib_ctx)
         fitted, report.fits = fit_linear_maps(ReferenceModel.from_gguf(src), layers, sequences, ridge, progress)
-        report.calibration = {
-            "text": str(calib_text), "tokens": sum(len(s) for s in sequences), "ctx": calib_ctx, "ridge": ridge,
-        }
-        provenance["calibration"] = f"{calib_text.name}, {report.calibration['tokens']} tokens, ctx {calib_ctx}, ridge {ridge}"
+        tokens = sum(len(s) for s in sequences)
+        report.calibration = {"text": str(calib_text), "tokens": tokens, "ctx": calib_ctx, "ridge": ridge}
+        provenance["calibration"] = f"{calib_text.name}, {tokens} tokens, ctx {calib_ctx}, ridge {ridge}"
         maps = fitted.__getitem__
     result = prune_gguf(src, dst, layers, force=force, provenance=provenance, progress=progress, linear_maps=maps)
     return result, report

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .harness.perplexity import PerplexityResult
     from .harness.speed import BenchResult, Spread
     from .harness.zeroshot.report import ZeroShotReport, ZeroShotRow
-    from .inspection import Inspection
+    from .inspection import AttentionCost, Inspection
     from .rewrite import PruneResult
     from .scoring import ScoreReport
     from .study import StudyResult
@@ -80,9 +80,9 @@ def inspect_markdown(info: Inspection) -> str:
     ]
     rows += [(f"gatenorm.{key}", value) for key, value in info.gatenorm.items()]
     cost = info.attention_cost
-    if cost:
+    if cost is not None:
         rows.append(("attention layers", attention_layer_kinds(cost)))
-        rows += [(label, f"{cost['per_token'][key]:,}") for key, label in ATTENTION_COST_LABELS]
+        rows += [(label, f"{getattr(cost, key):,}") for key, label in ATTENTION_COST_LABELS]
     types = markdown_table(
         ["tensor type", "count", "bytes"],
         [[name, str(entry["count"]), str(entry["bytes"])] for name, entry in info.tensor_types.items()],
@@ -110,9 +110,9 @@ ATTENTION_COST_LABELS = (
 )
 
 
-def attention_layer_kinds(cost: dict[str, Any]) -> str:
-    """'26 attention, 2 linear, 2 free' from ``inspection.attention_cost``'s ``layers``."""
-    return ", ".join(f"{len(cost['layers'][kind])} {kind}" for kind in ("attention", "linear", "free"))
+def attention_layer_kinds(cost: AttentionCost) -> str:
+    """'26 attention, 2 linear, 2 free'."""
+    return f"{len(cost.attention)} attention, {len(cost.linear)} linear, {len(cost.free)} free"
 
 
 def perplexity_markdown(result: PerplexityResult) -> str:
@@ -186,11 +186,11 @@ def compare_markdown(result: CompareResult) -> str:
         ["KLD 99th percentile", "", f"{kld.kld_p99:.5f}", ""],
         ["top-1 agreement with base", "", f"{100 * kld.top1_agreement:.2f}%", ""],
     ]
-    cost = result.attention_cost
-    if cost["base"] and cost["pruned"]:
-        rows.append(["attention layers", attention_layer_kinds(cost["base"]), attention_layer_kinds(cost["pruned"]), ""])
+    base_cost, pruned_cost = result.base_cost, result.pruned_cost
+    if base_cost is not None and pruned_cost is not None:
+        rows.append(["attention layers", attention_layer_kinds(base_cost), attention_layer_kinds(pruned_cost), ""])
         for key, label in ATTENTION_COST_LABELS:
-            before, after = cost["base"]["per_token"][key], cost["pruned"]["per_token"][key]
+            before, after = getattr(base_cost, key), getattr(pruned_cost, key)
             rows.append([label, f"{before:,}", f"{after:,}", ratio(after, before)])
     speed = result.speed
     notes = ""
@@ -323,13 +323,13 @@ def study_markdown(result: StudyResult) -> str:
     ev, cal = result.evaluation, result.calibration
     lines = [
         f"Model {Path(result.model).name} ({result.n_layers} layers); flash attention on; "
-        f"evaluation: {ev['chunks']} chunks x {ev['ctx']} tokens of {Path(ev['text']).name} from chunk {ev['first_chunk']} "
-        f"({ev['tokens_scored']} tokens scored); base PPL {result.base_ppl:.3f} ± {result.base_ppl_stderr:.3f}.",
+        f"evaluation: {ev.chunks} chunks x {ev.ctx} tokens of {Path(ev.text).name} from chunk {ev.first_chunk} "
+        f"({result.tokens_scored} tokens scored); base PPL {result.base_ppl:.3f} ± {result.base_ppl_stderr:.3f}.",
     ]
-    if cal:
+    if cal is not None:
         lines.append(
-            f"Calibration (data-driven criteria): {cal['chunks']} chunk(s) x {cal['ctx']} tokens of "
-            f"{Path(cal['text']).name} from chunk {cal['first_chunk']}."
+            f"Calibration (data-driven criteria): {cal.chunks} chunk(s) x {cal.ctx} tokens of "
+            f"{Path(cal.text).name} from chunk {cal.first_chunk}."
         )
     header = "| criterion | scoring s | ρ vs loo-ppl | " + " | ".join(f"k={k} PPL (KLD)" for k in result.counts) + " |"
     lines += ["", header, "|---|" + "---:|" * (2 + len(result.counts))]
@@ -379,7 +379,7 @@ def save_study_plots(result: StudyResult, folder: Path) -> list[Path]:
         axes.set_xticks(ks)
         axes.grid(alpha=0.3)
     kld_axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="dashed: data-driven", title_fontsize=8)
-    figure.suptitle(f"{Path(result.model).name}: evaluation {result.evaluation['chunks']} x {result.evaluation['ctx']} tokens, FA on")
+    figure.suptitle(f"{Path(result.model).name}: evaluation {result.evaluation.chunks} x {result.evaluation.ctx} tokens, FA on")
     figure.tight_layout()
     save_figure(figure, paths[0], dpi=110)
 

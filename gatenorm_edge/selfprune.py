@@ -39,7 +39,7 @@ from .harness.model import LoadedModel, open_model
 from .harness.logprobs import log_softmax, row_blocks
 from .harness.probe import StreamEdits, StreamProbe
 from .progress import Ticker, progress_bar
-from .harness.selfcal import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, Calibration, self_calibration, text_calibration
+from .harness.selfcal import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, Calibration, CalibrationRecord, self_calibration, text_calibration
 from .harness.text import read_text
 from .recovery import ridge_solve
 from .rewrite import PruneResult, check_output_path, prune_gguf
@@ -113,7 +113,7 @@ class SelfPruneReport:
     count: int
     layers: list[int]
     patched: list[int]
-    calibration: dict[str, Any]
+    calibration: CalibrationRecord
     per_layer: list[LayerChoice]
     shortlist: list[int]
     vetoed: list[int]
@@ -122,15 +122,15 @@ class SelfPruneReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"calibration": self.calibration.to_dict()}
 
     def provenance(self) -> dict[str, str]:
         cal = self.calibration
         return {
             "selection": "self-calibrated (cosine order, single-layer KLD veto)",
-            "calibration.source": str(cal["source"]),
-            "calibration.sha256": str(cal["sha256"]),
-            "calibration.tokens": str(cal["tokens"]),
+            "calibration.source": cal.source,
+            "calibration.sha256": cal.sha256,
+            "calibration.tokens": str(cal.tokens),
             "patched_layers": ",".join(map(str, self.patched)) or "none",
             "picked": self.picked,
             "held_out_kld": f"{min(c.kld for c in self.candidates):.6f}",
@@ -263,7 +263,7 @@ class SelfCalibratedPruner:
 
     def _prepare(self, calib: Path | None, seq_len: int, recover: bool, seed: int, started: float) -> None:
         self.calibration = load_calibration(self.model, calib, seq_len, seed, self.progress)
-        if self.calibration.settings.get("cached", False) or calib is not None:
+        if self.calibration.cached is not False:
             with progress_bar(f"1/{STAGES} calibration text", 1, self.progress) as tick:
                 tick(status=f"{self.calibration.tokens} tokens, {self.calibration.source}")
         self.seconds["calibrate"] = time.perf_counter() - started
@@ -344,7 +344,7 @@ class SelfCalibratedPruner:
             count=count,
             layers=best.layers,
             patched=best.patched,
-            calibration=self.calibration.provenance(),
+            calibration=self.calibration.record(),
             per_layer=[self.choices[layer] for layer in self.prunable],
             shortlist=shortlist,
             vetoed=vetoed,

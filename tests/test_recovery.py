@@ -78,9 +78,9 @@ def test_fold_vo_file_holds_alpha_times_the_matrix(stories260k: Path, tmp_path: 
             tensor_f32(out, f"blk.{layer}.attn_norm.weight"), tensor_f32(stories260k, f"blk.{layer}.attn_norm.weight")
         )
     cost = attention_cost(out)
-    assert cost["layers"] == {"attention": [0, 1, 4], "linear": LAYERS, "free": []}
-    assert cost["per_token"]["flops"] == 3 * 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64) + 2 * 2 * 64 * 64
-    assert cost["per_token"]["kv_bytes"] == 3 * 2 * 32 * 2
+    assert (cost.attention, cost.linear, cost.free) == ([0, 1, 4], LAYERS, [])
+    assert cost.flops == 3 * 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64) + 2 * 2 * 64 * 64
+    assert cost.kv_bytes == 3 * 2 * 32 * 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_compare_and_inspect_show_the_cost_of_each_mode(stories260k: Path, tinys
     prune_with_recovery(stories260k, dropped, LAYERS, "drop")
     prune_with_recovery(stories260k, folded, LAYERS, "fold-vo")
     per_layer_attention = 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64)
-    costs = {path: attention_cost(path)["per_token"] for path in (stories260k, dropped, folded)}
+    costs = {path: attention_cost(path).to_dict()["per_token"] for path in (stories260k, dropped, folded)}
     assert costs[stories260k]["flops"] == 5 * per_layer_attention
     assert costs[dropped]["flops"] == 3 * per_layer_attention
     assert costs[folded]["flops"] == 3 * per_layer_attention + 2 * 2 * 64 * 64

@@ -167,7 +167,7 @@ REFUSALS = [
     (["--layers", "1,2,3,4"], "all 4 prunable layers"),
     (["--layers", "2,3,2"], "more than once: 2"),
     (["--layers", "2,5"], "out of range: 5"),
-    (["--layers", "two"], "comma-separated layer numbers"),
+    (["--layers", "two"], "--layers takes comma-separated whole numbers such as 12,20,25"),
     ([], "exactly one of --layers, --count or --plan"),
 ]
 

@@ -97,7 +97,7 @@ def test_sampling_is_reproducible_for_a_seed(stories260k: Path, tmp_path: Path) 
         sampled = self_calibration(model, seq_len=48, seed=5, starts=starts, cache_dir=tmp_path)
         cached = self_calibration(model, seq_len=48, seed=5, starts=starts, cache_dir=tmp_path)
     assert sampled.sequences == first == cached.sequences
-    assert (sampled.settings["cached"], cached.settings["cached"]) == (False, True)
+    assert (sampled.cached, cached.cached) == (False, True)
     assert sampled.sha256 == cached.sha256
 
 

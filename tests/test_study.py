@@ -10,7 +10,7 @@ import pytest
 from gatenorm_edge.criteria import CRITERIA, CriterionResult
 from gatenorm_edge.harness.kld import kl_divergence
 from gatenorm_edge.rewrite import prune_gguf
-from gatenorm_edge.evaluation import EvalPoint, PrunedEvaluator, TextChunks
+from gatenorm_edge.evaluation import ChunkSpan, EvalPoint, PrunedEvaluator, TextChunks
 from gatenorm_edge.report import study_markdown as markdown
 from gatenorm_edge.study import CriterionStudy, StudyResult
 from cli_helpers import run_cli
@@ -76,8 +76,7 @@ def _study(name: str, ppls: list[float]) -> CriterionStudy:
 def test_markdown_holds_each_data_free_criterion_to_the_bar() -> None:
     result = StudyResult(
         model="m.gguf", n_layers=4, counts=[1, 2], flash_attn=True, threads=1,
-        calibration={"text": "c.txt", "ctx": 128, "first_chunk": 0, "chunks": 1},
-        evaluation={"text": "e.txt", "ctx": 128, "first_chunk": 1, "chunks": 2, "tokens_scored": 126},
+        calibration=ChunkSpan("c.txt", 128, 0, 1), evaluation=ChunkSpan("e.txt", 128, 1, 2), tokens_scored=126,
         base_ppl=9.0, base_ppl_stderr=0.5, models_evaluated=3,
         criteria=[_study("greedy-ppl", [10.0, 20.0]), _study("per-head", [10.5, 24.0]), _study("last", [11.0, 21.0])],
         seconds=1.0,
@@ -91,7 +90,7 @@ def test_markdown_holds_each_data_free_criterion_to_the_bar() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--criteria", "per-head,bogus"], "unknown criteria bogus"),
+        (["--criteria", "per-head,bogus"], "--criteria: unknown 'bogus'"),
         (["--counts", "1,4"], "counts must be between 1 and 3"),
         (["--counts", "one"], "--counts takes comma-separated whole numbers"),
         (["--plot", "no-such-folder"], "no such folder"),

@@ -135,11 +135,11 @@ def smollm2_pair(smollm2: Path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", list(zs.TASKS))
-def test_loglikelihoods_match_raw_logits(smollm2_pair, shared_dir: Path, task: str) -> None:
+def test_loglikelihoods_match_raw_logits(smollm2_pair, data_dir: Path, task: str) -> None:
     """Every format, 2 examples (BoolQ's passages are long: the shortest of its first 20): with context reuse
     and without, ours equal the independent computation."""
     model, reference = smollm2_pair
-    examples = zs.load_task(task, shared_dir / "data", limit=20)
+    examples = zs.load_task(task, data_dir, limit=20)
     if task == "boolq":
         examples = [min(examples, key=lambda example: len(example.requests[0][0]))]
     for example in examples[:2]:
@@ -169,9 +169,9 @@ def test_choices_sharing_their_first_tokens(smollm2_pair) -> None:
 
 
 @pytest.mark.slow
-def test_continuation_tokens_spell_the_continuation(smollm2_pair, shared_dir: Path) -> None:
+def test_continuation_tokens_spell_the_continuation(smollm2_pair, data_dir: Path) -> None:
     model, _ = smollm2_pair
-    (example,) = zs.load_task("arc_easy", shared_dir / "data", limit=1)
+    (example,) = zs.load_task("arc_easy", data_dir, limit=1)
     for choice, (_, continuation) in zip(zs.tokenize_example(model, example), example.requests):
         assert model.detokenize(list(choice.tokens[choice.start :])).decode("utf-8") == continuation
 
@@ -246,7 +246,7 @@ def test_cli_prints_a_table_and_writes_json(smollm2: Path, tiny_data: Path, tmp_
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--tasks", "rte,squad"], "unknown task 'squad'"),
+        (["--tasks", "rte,squad"], "--tasks: unknown 'squad'"),
         (["--tasks", "rte", "--data-dir", "/nonexistent/data"], "data folder /nonexistent/data not found"),
         (["--tasks", "rte", "--limit", "0"], "--limit must be at least 1"),
         (["--tasks", "rte"], "not a GGUF file"),
@@ -288,7 +288,7 @@ def test_before_after_rows_for_compare(smollm2: Path, tiny_data: Path, tmp_path:
 
 
 @pytest.mark.slow
-def test_compare_adds_zero_shot_rows(smollm2: Path, shared_dir: Path, tmp_path: Path) -> None:
+def test_compare_adds_zero_shot_rows(smollm2: Path, tinystories: Path, data_dir: Path, tmp_path: Path) -> None:
     import os
 
     from gatenorm_edge.rewrite import prune_gguf
@@ -296,10 +296,10 @@ def test_compare_adds_zero_shot_rows(smollm2: Path, shared_dir: Path, tmp_path: 
     pruned = tmp_path / "pruned.gguf"
     prune_gguf(smollm2, pruned, [26, 27, 28, 29])
     out = tmp_path / "compare.json"
-    text = shared_dir / "data" / "tinystories" / "tinystories_val_subset.txt"
     done = subprocess.run(
-        [sys.executable, "-m", "gatenorm_edge", "compare", str(smollm2), str(pruned), "--text", str(text), "--ctx", "64",
-         "--chunks", "1", "--no-speed", "--threads", "1", "--zeroshot", "rte,piqa", "--limit", "2", "--json", str(out)],
+        [sys.executable, "-m", "gatenorm_edge", "compare", str(smollm2), str(pruned), "--text", str(tinystories), "--ctx", "64",
+         "--chunks", "1", "--no-speed", "--threads", "1", "--zeroshot", "rte,piqa", "--limit", "2", "--json", str(out),
+         "--data-dir", str(data_dir)],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "GATENORM_CACHE": str(tmp_path / "cache")},
     )
     assert done.returncode == 0, done.stderr

@@ -28,7 +28,7 @@ def main(out: Path, ppl_dir: Path) -> None:
     ks = sorted({int(p.name.split("-")[0][1:]) for p in out.glob("k*-drop.gguf")})
     rows = []
     if base:
-        base_cost = cost_cell(attention_cost(base["model"])["per_token"])
+        base_cost = cost_cell(attention_cost(base["model"]).to_dict()["per_token"])
         rows.append(["0", "base", "", f"{base['ppl']:.3f} ± {base['ppl_stderr']:.3f}", "1.000", base_cost, ""])
     for k in ks:
         for mode in MODES:
@@ -42,7 +42,7 @@ def main(out: Path, ppl_dir: Path) -> None:
                 detail = f"α {recovery['alpha']}"
             if recovery["fits"]:
                 detail = "residual " + ", ".join(f"L{f['layer']} {f['residual']:.2f}" for f in recovery["fits"])
-            cost = attention_cost(out / f"k{k}-{mode}.gguf")["per_token"]
+            cost = attention_cost(out / f"k{k}-{mode}.gguf").to_dict()["per_token"]
             rows.append([
                 str(k), mode, ",".join(map(str, prune["layers_requested"])),
                 f"{ppl['ppl']:.3f} ± {ppl['ppl_stderr']:.3f}" if ppl else "not run",

@@ -6,18 +6,10 @@ from pathlib import Path
 
 import typer
 
-from ..errors import GatenormError
+from ..options import comma_ints
 from .app import app, check_output_folders
 
 FLASH_HELP = "Flash attention (default on, as llama-perplexity on CPU; off pads every layer's V cache to the widest)."
-
-
-def _depths(text: str) -> tuple[int, ...]:
-    try:
-        depths = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise GatenormError(f"--depth takes comma-separated token counts such as 0,4096, not {text!r}") from None
-    return depths
 
 
 @app.command()
@@ -80,7 +72,7 @@ def bench(
 
     check_output_folders(json_path)
     settings = BenchSettings(
-        prompt=prompt, gen=gen, depths=_depths(depth), reps=reps, threads=threads, flash_attn=flash_attn
+        prompt=prompt, gen=gen, depths=tuple(comma_ints("--depth", depth, "0,4096")), reps=reps, threads=threads, flash_attn=flash_attn
     )
     models = [model] if vs is None else [model, vs]
     result = bench_models(models, settings, progress=True)
@@ -107,6 +99,7 @@ def compare(
     json_path: Path | None = typer.Option(None, "--json", help="Also write everything as JSON."),
     zeroshot: str | None = typer.Option(None, "--zeroshot", help="Also zero-shot accuracy on these tasks (see `zeroshot`)."),
     limit: int | None = typer.Option(None, "--limit", help="With --zeroshot: only the first N examples per task."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="With --zeroshot: the task data (default: ../shared/data)."),
 ) -> None:
     """Before vs after: PPL of both, KL divergence (mean, 99th percentile), top-1 agreement, speed, sizes, KV bytes.
 
@@ -128,9 +121,10 @@ def compare(
 
     check_output_folders(md_path, json_path)
     if zeroshot is not None:  # check tasks, data and --limit before the long runs
-        for task in parse_tasks(zeroshot):
-            load_task(task, default_data_dir(), limit)
-    settings = BenchSettings(prompt=prompt, gen=gen, depths=_depths(depth), reps=reps) if speed else None
+        data_dir = data_dir or default_data_dir()
+        for task in parse_tasks(zeroshot, "--zeroshot"):
+            load_task(task, data_dir, limit)
+    settings = BenchSettings(prompt=prompt, gen=gen, depths=tuple(comma_ints("--depth", depth, "0,4096")), reps=reps) if speed else None
     result = compare_models(
         base, pruned, text, ctx=ctx, chunks=chunks, flash_attn=flash_attn, n_threads=threads, speed=settings,
         progress=True,
@@ -138,7 +132,7 @@ def compare(
     table = compare_markdown(result)
     if zeroshot is not None:
         result.zeroshot = zeroshot_table(
-            base, pruned, zeroshot, limit, n_threads=threads, flash_attn=flash_attn, progress=True
+            base, pruned, zeroshot, limit, data_dir=data_dir, n_threads=threads, flash_attn=flash_attn, progress=True
         )
         header = ["zero-shot (lm-eval prompts)", "base", "pruned", "pruned / base"]
         table += "\n\n" + markdown_table(header, zeroshot_markdown_rows(result.zeroshot))
@@ -195,7 +189,7 @@ def demo(
         ctx=ctx,
         chunks=chunks,
         threads=threads,
-        speed=BenchSettings(prompt=512, gen=gen, depths=_depths(depth), reps=reps) if speed else None,
+        speed=BenchSettings(prompt=512, gen=gen, depths=tuple(comma_ints("--depth", depth, "0,4096")), reps=reps) if speed else None,
     )
     result = run_demo(settings, progress=True)
     typer.echo(compare_markdown(result.compare))

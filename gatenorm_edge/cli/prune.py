@@ -93,7 +93,7 @@ def prune(
             model, out, count, calib=calib, fixed=picked, recover=mode == AUTO, seed=seed, force=force, progress=True
         )
         details = {"selfprune": report.to_dict()}
-        summary = [("calibration", f"{report.calibration['tokens']} tokens, {report.calibration['source']}"),
+        summary = [("calibration", f"{report.calibration.tokens} tokens, {report.calibration.source}"),
                    ("vetoed (critical) layers", ", ".join(map(str, report.vetoed)) or "none"),
                    ("picked (lowest held-out KLD)", report.picked),
                    ("seconds (whole pipeline)", f"{report.seconds['total']:.1f}")]

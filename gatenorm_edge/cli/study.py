@@ -6,17 +6,9 @@ from pathlib import Path
 
 import typer
 
-from ..options import CRITERIA
+from ..options import CRITERIA, comma_ints, comma_names
 from ..errors import GatenormError
 from .app import app, check_output_folders
-
-
-def parse_ints(option: str, text: str) -> list[int]:
-    """'1,2,4' -> [1, 2, 4]; anything else is a GatenormError naming ``option``."""
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise GatenormError(f"{option} takes comma-separated whole numbers such as 1,2,4, not {text!r}") from None
 
 
 @app.command(
@@ -55,12 +47,11 @@ def study(
         if not plot.is_dir():
             raise GatenormError(f"{plot}: no such folder (--plot takes a folder)")
         require_matplotlib()
-    names = [name.strip() for name in criteria.split(",") if name.strip()]
     result = run_study(
         model,
         text,
-        counts=parse_ints("--counts", counts),
-        criteria=names,
+        counts=comma_ints("--counts", counts, "1,2,4"),
+        criteria=comma_names("--criteria", criteria, CRITERIA),
         ctx=ctx,
         chunks=chunks,
         calib_text=calib_text,

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..inspection import attention_cost
+from ..inspection import AttentionCost, attention_cost, cost_dict
 from ..sources import GGUFFile
 from .kld import DivergenceResult, kl_divergence
 from .speed import BenchResult, BenchSettings, bench
@@ -29,7 +29,8 @@ class CompareResult:
     text_label: str
     flash_attn: bool
     file_bytes: dict[str, int]
-    attention_cost: dict[str, dict[str, Any]]
+    base_cost: AttentionCost | None
+    pruned_cost: AttentionCost | None
     divergence: DivergenceResult
     speed: BenchResult | None
     seconds: float
@@ -39,7 +40,8 @@ class CompareResult:
         d = self.divergence
         data = {
             "base": self.base, "pruned": self.pruned, "text": self.text, "text_label": self.text_label,
-            "flash_attn": self.flash_attn, "file_bytes": self.file_bytes, "attention_cost": self.attention_cost,
+            "flash_attn": self.flash_attn, "file_bytes": self.file_bytes,
+            "attention_cost": {"base": cost_dict(self.base_cost), "pruned": cost_dict(self.pruned_cost)},
             "perplexity": {"base": d.base.to_dict(), "pruned": d.other.to_dict()},
             "kld": {key: getattr(d, key) for key in KLD_KEYS},
             "speed": self.speed.to_dict() if self.speed is not None else None,
@@ -80,7 +82,8 @@ def compare(
         text_label=text_label or Path(text).name,
         flash_attn=flash_attn,
         file_bytes={"base": GGUFFile(base).nbytes, "pruned": GGUFFile(pruned).nbytes},
-        attention_cost={"base": attention_cost(base), "pruned": attention_cost(pruned)},
+        base_cost=attention_cost(base),
+        pruned_cost=attention_cost(pruned),
         divergence=divergence,
         speed=speed_result,
         seconds=time.perf_counter() - started,

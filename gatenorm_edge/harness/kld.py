@@ -11,19 +11,15 @@ which are streamed: one chunk's logits per model are held at a time, only per-to
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import GatenormError
 from .logprobs import log_softmax, row_blocks, stderr_of_mean
-from .perplexity import NllStats, PerplexityResult, chunk_logits, count_chunks
-from .model import open_model
+from .perplexity import NllStats, PerplexityResult, chunk_logits, models_on_text
 from ..progress import progress_bar
-from .text import read_text
 
 
 @dataclass
@@ -112,18 +108,8 @@ def kl_divergence(
 ) -> DivergenceResult:
     """Evaluate both models on the same chunks of ``text``: PPL of each, KLD of ``other`` from ``base``."""
     started = time.perf_counter()
-    content = read_text(text)
-    with contextlib.ExitStack() as stack:
-        base = stack.enter_context(
-            contextlib.closing(open_model(base_path, n_ctx=ctx, flash_attn=flash_attn, n_threads=n_threads))
-        )
-        other = stack.enter_context(
-            contextlib.closing(open_model(other_path, n_ctx=ctx, flash_attn=flash_attn, n_threads=n_threads))
-        )
-        if base.vocab_size != other.vocab_size or base.bos_token != other.bos_token:
-            raise GatenormError(f"{base_path} and {other_path} have different vocabularies")
-        tokens = np.asarray(base.tokenize_text(content), dtype=np.int64)
-        n_chunks = count_chunks(len(tokens), ctx, chunks)
+    paths = [base_path, other_path]
+    with models_on_text(paths, text, ctx, chunks, flash_attn, n_threads) as ([base, other], tokens, n_chunks):
         totals = DivergenceTotals()
         with progress_bar(f"KLD {Path(other_path).name}", n_chunks, progress) as tick:
             for index in range(n_chunks):

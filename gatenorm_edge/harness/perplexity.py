@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,8 +21,7 @@ from ..errors import GatenormError
 from .model import LoadedModel, open_model
 from ..progress import progress_bar
 from .logprobs import token_nll
-from .text import bos_chunk
-from .text import read_text
+from .text import bos_chunk, read_text
 
 MIN_CTX = 8
 
@@ -108,6 +108,26 @@ def chunk_logits(model: LoadedModel, tokens: np.ndarray, index: int, ctx: int) -
     return logits, tokens[start + first + 1 : start + ctx]
 
 
+@contextlib.contextmanager
+def models_on_text(
+    paths: Sequence[Path | str], text: Path | str, ctx: int, chunks: int | None, flash_attn: bool, n_threads: int | None
+) -> Iterator[tuple[list[LoadedModel], np.ndarray, int]]:
+    """The models at ``paths`` opened for chunks of ``ctx`` tokens, the tokens of ``text`` (the first model's
+    tokenizer; the others must share its vocabulary) and the number of chunks to evaluate."""
+    content = read_text(text)
+    with contextlib.ExitStack() as stack:
+        models = [
+            stack.enter_context(contextlib.closing(open_model(path, n_ctx=ctx, flash_attn=flash_attn, n_threads=n_threads)))
+            for path in paths
+        ]
+        first = models[0]
+        for path, model in zip(paths[1:], models[1:]):
+            if model.vocab_size != first.vocab_size or model.bos_token != first.bos_token:
+                raise GatenormError(f"{paths[0]} and {path} have different vocabularies")
+        tokens = np.asarray(first.tokenize_text(content), dtype=np.int64)
+        yield models, tokens, count_chunks(len(tokens), ctx, chunks)
+
+
 def perplexity(
     model_path: Path | str,
     text: Path | str,
@@ -120,10 +140,7 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of the GGUF at ``model_path`` on the UTF-8 text file ``text`` (llama-perplexity's method)."""
     started = time.perf_counter()
-    content = read_text(text)
-    with contextlib.closing(open_model(model_path, n_ctx=ctx, flash_attn=flash_attn, n_threads=n_threads)) as model:
-        tokens = np.asarray(model.tokenize_text(content), dtype=np.int64)
-        n_chunks = count_chunks(len(tokens), ctx, chunks)
+    with models_on_text([model_path], text, ctx, chunks, flash_attn, n_threads) as ([model], tokens, n_chunks):
         stats = NllStats()
         with progress_bar(f"perplexity {Path(model_path).name}", n_chunks, progress) as tick:
             for index in range(n_chunks):

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import GatenormError
 from ..fileio import file_sha256, write_text_atomic
 from .model import LoadedModel
+from .text import bos_chunk
 from ..progress import progress_bar
 
 STARTS = (
@@ -60,7 +61,8 @@ class Calibration:
     source: str  # "self-sampled" or the text file's path
     sha256: str  # of the text (sampled: of the token ids' bytes)
     sequences: tuple[tuple[int, ...], ...]
-    settings: dict[str, Any]
+    settings: dict[str, Any]  # how it was made, as recorded in the JSON (sampled: also part of the cache key)
+    cached: bool | None = None  # sampled: whether it came from the cache; None for a text file
 
     @property
     def tokens(self) -> int:
@@ -69,8 +71,26 @@ class Calibration:
     def arrays(self) -> list[np.ndarray]:
         return [np.asarray(s, dtype=np.int64) for s in self.sequences]
 
-    def provenance(self) -> dict[str, Any]:
-        return {"source": self.source, "sha256": self.sha256, "tokens": self.tokens, "sequences": len(self.sequences)} | self.settings
+    def record(self) -> CalibrationRecord:
+        return CalibrationRecord(self.source, self.sha256, self.tokens, len(self.sequences), self.settings, self.cached)
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """What an output records of the calibration it was made with (JSON and ``gatenorm.calibration.*``)."""
+
+    source: str
+    sha256: str
+    tokens: int
+    sequences: int
+    settings: dict[str, Any]
+    cached: bool | None
+
+    def to_dict(self) -> dict[str, Any]:
+        cached = {} if self.cached is None else {"cached": self.cached}
+        return {"source": self.source, "sha256": self.sha256, "tokens": self.tokens, "sequences": self.sequences} | (
+            self.settings | cached
+        )
 
 
 def calibration_cache_dir() -> Path:
@@ -249,26 +269,24 @@ def self_calibration(
             stored = json.loads(cache.read_text())
             sequences = tuple(tuple(int(t) for t in s) for s in stored["sequences"])
             if stored["sha256"] == _token_digest(sequences):
-                return Calibration("self-sampled", stored["sha256"], sequences, settings | {"cached": True})
+                return Calibration("self-sampled", stored["sha256"], sequences, settings, cached=True)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged entry is sampled again and replaced
     sequences = sample_sequences(model, starts, seq_len, seed, progress=progress, label=label)
     digest = _token_digest(sequences)
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cache, json.dumps({"model_sha256": model_sha256, "settings": settings, "sha256": digest, "sequences": sequences}))
-    return Calibration("self-sampled", digest, sequences, settings | {"cached": False})
+    return Calibration("self-sampled", digest, sequences, settings, cached=False)
 
 
 def text_calibration(model: LoadedModel, path: Path, text: str, seq_len: int, n_seq: int) -> Calibration:
-    """``n_seq`` sequences of ``seq_len`` tokens cut from a user's text (BOS first where the vocab adds one)."""
-    tokens = model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    lead = [model.bos_token] if model.bos_token is not None else []
-    body = seq_len - len(lead)
-    if len(tokens) < n_seq * body:
+    """The first ``n_seq`` chunks of ``seq_len`` tokens of a user's text, cut as perplexity chunks are (``bos_chunk``)."""
+    tokens = np.asarray(model.tokenize_text(text), dtype=np.int64)
+    if len(tokens) < n_seq * seq_len:
         raise GatenormError(
-            f"{path}: {len(tokens)} tokens; calibration needs {n_seq * body} ({n_seq} sequences of {body}); give a longer text"
+            f"{path}: {len(tokens)} tokens; calibration needs {n_seq * seq_len} ({n_seq} x {seq_len}); give a longer text"
         )
-    sequences = tuple(tuple(lead + tokens[i * body : (i + 1) * body]) for i in range(n_seq))
+    sequences = tuple(tuple(bos_chunk(tokens, i, seq_len, model.bos_token).tolist()) for i in range(n_seq))
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return Calibration(str(path), digest, sequences, {"seq_len": seq_len})
 

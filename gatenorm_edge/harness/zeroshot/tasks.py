@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import GatenormError
+from ...options import comma_names
 
 @dataclass(frozen=True)
 class Example:
@@ -178,16 +179,9 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def parse_tasks(names: str | Sequence[str]) -> list[str]:
+def parse_tasks(names: str | Sequence[str], option: str = "--tasks") -> list[str]:
     """Validated task names from ``"boolq,rte"`` or a list (order kept, duplicates dropped)."""
-    items = names.split(",") if isinstance(names, str) else list(names)
-    tasks = list(dict.fromkeys(item.strip() for item in items if item.strip()))
-    if not tasks:
-        raise GatenormError(f"no task given; choose from {', '.join(TASKS)}")
-    unknown = [task for task in tasks if task not in TASKS]
-    if unknown:
-        raise GatenormError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
-    return tasks
+    return comma_names(option, names if isinstance(names, str) else ",".join(names), tuple(TASKS))
 
 
 def task_file(task: str, data_dir: Path) -> Path:

@@ -15,7 +15,7 @@ import pytest
 from gatenorm_edge.harness.kld import kl_divergence
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.perplexity import perplexity
-from gatenorm_edge.harness.speed import BenchSettings, bench
+from gatenorm_edge.harness.speed import BenchSettings, bench, peak_rss_bytes
 from gatenorm_edge.harness.selfcal import sampled_text
 from gatenorm_edge.rewrite import prune_gguf
 
@@ -160,6 +160,18 @@ def test_bench_contract_on_stories260k(stories260k: Path, stories_pruned: Path) 
     for model in (base, pruned):
         assert 20 * 2**20 < result["rss_bytes"][model] < 2**31  # a Python process with llama.cpp loaded
         assert 0 < result["load_seconds"][model] < 60
+
+
+@pytest.mark.slow
+def test_bench_reports_each_workers_own_peak_rss(smollm2: Path, smollm2_pruned: Path) -> None:
+    """A parent with 600 MiB resident spawns the workers: each reports its own peak, not the parent's."""
+    ballast = np.ones(600 * 2**20 // 8)  # touched, so resident in the parent before the workers start
+    parent = peak_rss_bytes()
+    settings = BenchSettings(prompt=16, gen=4, depths=(0,), reps=1, threads=1)
+    result = bench([smollm2, smollm2_pruned], settings)
+    for path in (smollm2, smollm2_pruned):
+        assert 20 * 2**20 < result.rss_bytes[str(path)] < parent - 400 * 2**20, path.name
+    assert ballast.sum() == ballast.size
 
 
 def test_sampled_text_is_reproducible(stories260k: Path) -> None:

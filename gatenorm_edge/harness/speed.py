@@ -16,6 +16,7 @@ import dataclasses
 import multiprocessing
 import resource
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -112,8 +113,20 @@ class _Runner:
         return time.perf_counter() - started
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak_rss_bytes() -> int:
+    """This process's own peak resident set size.
+
+    On Linux, ``VmHWM`` of its address space: ``ru_maxrss`` would not do, as it keeps the parent's RSS at
+    fork time across the exec of a spawned worker, so every worker of a large parent reported the same
+    figure. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB on the other systems).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _serve(conn: Connection, path: str, settings: BenchSettings) -> None:
@@ -136,7 +149,7 @@ def _serve(conn: Connection, path: str, settings: BenchSettings) -> None:
                 conn.send(("ok", 0.0))
             else:
                 conn.send(("ok", runner.timed(kind, depth)))
-        conn.send(("ok", _peak_rss_bytes()))
+        conn.send(("ok", peak_rss_bytes()))
     except Exception:  # a bug, not bad input: hand the traceback to the parent
         conn.send(("crash", traceback.format_exc()))
 

@@ -12,18 +12,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gatenorm_edge.demo import GGUF_NAME, fetch_smollm2
+from gatenorm_edge.fetch import fetch_model
 from gatenorm_edge.harness.speed import BenchSettings, bench
 from gatenorm_edge.rewrite import prune_gguf
 from gatenorm_edge.scoring import score_model
 
-SHARED_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / GGUF_NAME
 PRUNE_COUNT = 4
 SETTINGS = BenchSettings(prompt=512, gen=128, depths=(0, 4096), reps=5, flash_attn=True)
 
 
 def run() -> dict:
-    base = SHARED_MODEL if SHARED_MODEL.is_file() else fetch_smollm2()
+    base = fetch_model("smollm2")
     layers = score_model(base, "per-head").prune_order[:PRUNE_COUNT]
     with tempfile.TemporaryDirectory() as tmp:
         pruned = Path(tmp) / f"{base.stem}.pruned{PRUNE_COUNT}.gguf"

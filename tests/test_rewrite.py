@@ -199,10 +199,10 @@ def test_refuses_output_equal_to_input(stories260k: Path, tmp_path: Path) -> Non
 def test_refuses_existing_output_without_force(stories260k: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.gguf"
     out.write_bytes(b"keep me")
-    proc = run_cli("prune", stories260k, out, "--layers", "2")
+    proc = run_cli_here("prune", stories260k, out, "--layers", "2")
     assert proc.returncode == 2 and "exists; pass --force" in proc.stderr
     assert out.read_bytes() == b"keep me"
-    proc = run_cli("prune", stories260k, out, "--layers", "2", "--force")
+    proc = run_cli_here("prune", stories260k, out, "--layers", "2", "--force")
     assert proc.returncode == 0, proc.stderr
     assert attention_free_layers(out) == [2]
 
@@ -211,7 +211,7 @@ def test_refuses_unsupported_architecture(tmp_path: Path) -> None:
     model = tmp_path / "qwen3.gguf"
     _write_fake_gguf(model, "qwen3")
     before = sha256(model)
-    proc = run_cli("prune", model, tmp_path / "out.gguf", "--layers", "1")
+    proc = run_cli_here("prune", model, tmp_path / "out.gguf", "--layers", "1")
     assert proc.returncode == 2
     assert "cannot prune architecture 'qwen3': q/k RMSNorm" in proc.stderr
     assert not (tmp_path / "out.gguf").exists() and sha256(model) == before
@@ -220,7 +220,7 @@ def test_refuses_unsupported_architecture(tmp_path: Path) -> None:
 def test_refuses_mixture_of_experts_llama(tmp_path: Path) -> None:
     model = tmp_path / "mixtral.gguf"
     _write_fake_gguf(model, "llama", expert_count=8)
-    proc = run_cli("prune", model, tmp_path / "out.gguf", "--layers", "1")
+    proc = run_cli_here("prune", model, tmp_path / "out.gguf", "--layers", "1")
     assert_one_line_error(proc, "mixture-of-experts models (8 experts per layer) are not supported")
     assert not (tmp_path / "out.gguf").exists()
 
@@ -232,7 +232,7 @@ def test_refuses_truncated_and_foreign_files(stories260k: Path, tmp_path: Path, 
     foreign.write_text("not a model")
     for model, message in ((truncated, "truncated"), (foreign, "not a GGUF file")):
         args = [model, tmp_path / "out.gguf", "--layers", "1"] if command == "prune" else [model]
-        proc = run_cli(command, *args)
+        proc = run_cli_here(command, *args)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not (tmp_path / "out.gguf").exists()
 
@@ -254,12 +254,12 @@ def test_refuses_when_disk_is_too_small(stories260k: Path, tmp_path: Path, monke
 
 def test_inspect_cli_original_and_pruned(stories260k: Path, tmp_path: Path) -> None:
     out = tmp_path / "pruned.gguf"
-    assert run_cli("prune", stories260k, out, "--layers", "1,4", "--json", tmp_path / "r.json").returncode == 0
+    assert run_cli_here("prune", stories260k, out, "--layers", "1,4", "--json", tmp_path / "r.json").returncode == 0
     assert json.loads((tmp_path / "r.json").read_text())["layers_pruned"] == [1, 4]
-    proc = run_cli("inspect", stories260k)
+    proc = run_cli_here("inspect", stories260k)
     assert proc.returncode == 0 and "| architecture | llama |" in proc.stdout
     assert "| attention-free layers | none |" in proc.stdout
-    proc = run_cli("inspect", out, "--json", tmp_path / "i.json")
+    proc = run_cli_here("inspect", out, "--json", tmp_path / "i.json")
     assert "| attention-free layers | 1, 4 |" in proc.stdout and "| F32 | 38 |" in proc.stdout
     info = json.loads((tmp_path / "i.json").read_text())
     assert info == inspect_gguf(out).to_dict()  # the inspect --json contract
@@ -273,19 +273,19 @@ def test_prune_by_plan_and_by_count_use_the_scores(stories260k: Path, tmp_path: 
     plan = tmp_path / "scores.json"
     plan.write_text(json.dumps(report.to_dict()))
     by_plan, by_count = tmp_path / "plan.gguf", tmp_path / "count.gguf"
-    proc = run_cli("prune", stories260k, by_plan, "--plan", plan, "--count", "2")
+    proc = run_cli_here("prune", stories260k, by_plan, "--plan", plan, "--count", "2")
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("prune", stories260k, by_count, "--count", "2", "--variant", "per-head")
+    proc = run_cli_here("prune", stories260k, by_count, "--count", "2", "--variant", "per-head")
     assert proc.returncode == 0, proc.stderr
     expected = sorted(report.prune_order[:2])
     assert attention_free_layers(by_plan) == expected == attention_free_layers(by_count)
     assert GGUFReader(by_count).fields["gatenorm.variant"].contents() == "per-head"
-    proc = run_cli("prune", stories260k, tmp_path / "x.gguf", "--plan", plan)
+    proc = run_cli_here("prune", stories260k, tmp_path / "x.gguf", "--plan", plan)
     assert proc.returncode == 2 and "--plan needs --count" in proc.stderr
 
 
 def test_help_has_examples() -> None:
-    proc = run_cli("prune", "--help")
+    proc = run_cli_here("prune", "--help")
     assert proc.returncode == 0 and "--layers 12,20,25" in proc.stdout
-    proc = run_cli("inspect", "--help")
+    proc = run_cli_here("inspect", "--help")
     assert proc.returncode == 0 and "inspect pruned.gguf --json" in proc.stdout

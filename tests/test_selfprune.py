@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from cli_helpers import ROOT, assert_one_line_error, run_cli
+from cli_helpers import ROOT, assert_one_line_error, run_cli, run_cli_here
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.probe import StreamEdits, StreamProbe
 from gatenorm_edge.harness.selfcal import sample_sequences, self_calibration
@@ -190,7 +190,7 @@ def test_default_prune_on_smollm2(smollm2: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_old_default_is_one_flag_away(stories260k: Path, tmp_path: Path) -> None:
     out = tmp_path / "old.gguf"
-    result = run_cli("prune", stories260k, out, "--count", "2", "--criterion", "per-head", "--mode", "drop")
+    result = run_cli_here("prune", stories260k, out, "--count", "2", "--criterion", "per-head", "--mode", "drop")
     assert result.returncode == 0, result.stderr
     from gatenorm_edge.scoring import score_model
 

@@ -18,6 +18,7 @@ from .options import DATA_DRIVEN
 
 if TYPE_CHECKING:
     from .harness.compare import CompareResult
+    from .harness.passkey import PasskeyResult
     from .harness.perplexity import PerplexityResult
     from .harness.speed import BenchResult, Spread
     from .harness.zeroshot.report import ZeroShotReport, ZeroShotRow
@@ -280,6 +281,17 @@ def _pm(value: float | None, error: float | None) -> str:
     if value is None:
         return "–"
     return f"{value:.4f} ± {error:.4f}" if error is not None else f"{value:.4f}"
+
+
+def passkey_markdown(result: PasskeyResult) -> str:
+    """Pass-key accuracy per depth and overall, with the prompt length and FA mode."""
+    rows = [[f"{100 * position:.0f}%", str(n), f"{100 * accuracy:.0f}%"] for position, accuracy, n in result.by_position()]
+    rows.append(["all", str(result.trials), f"**{100 * result.accuracy:.0f}%**"])
+    title = (
+        f"Pass-key retrieval, {Path(result.model).name}: prompts of up to {result.prompt_tokens} tokens "
+        f"(ctx {result.ctx}), greedy answers, exact match; {fa_label(result.flash_attn)}, {result.seconds:.0f} s\n\n"
+    )
+    return title + markdown_table(["key depth", "trials", "accuracy"], rows)
 
 
 def zeroshot_markdown_rows(rows: Sequence[ZeroShotRow]) -> list[list[str]]:

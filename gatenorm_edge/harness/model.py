@@ -104,6 +104,13 @@ class LoadedModel(llama_cpp.Llama):
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         self.n_tokens = 0
 
+    def keep_prefix(self, n_tokens: int) -> None:
+        """Cut sequence 0 of the KV cache back to its first ``n_tokens`` positions."""
+        memory = llama_cpp.llama_get_memory(self.ctx)
+        if not llama_cpp.llama_memory_seq_rm(memory, 0, n_tokens, -1):
+            raise GatenormError(f"{self.path}: llama.cpp could not trim its KV cache to {n_tokens} tokens")
+        self.n_tokens = n_tokens
+
     def logits(self, tokens: np.ndarray | list[int], *, start: int = 0, output_from: int | None = None) -> np.ndarray:
         """Decode ``tokens`` at positions ``start``, ``start+1``, ... (sequence 0) after what the cache holds.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import llama_cpp
 import numpy as np
 
 from ...errors import GatenormError
@@ -62,14 +61,6 @@ def shared_prefix(choices: Sequence[ChoiceTokens]) -> int:
     return length
 
 
-def keep_cache_prefix(model: LoadedModel, n_tokens: int) -> None:
-    """Cut sequence 0 of the KV cache back to its first ``n_tokens`` positions."""
-    memory = llama_cpp.llama_get_memory(model.ctx)
-    if not llama_cpp.llama_memory_seq_rm(memory, 0, n_tokens, -1):
-        raise GatenormError(f"{model.path}: llama.cpp could not trim its KV cache to {n_tokens} tokens")
-    model.n_tokens = n_tokens
-
-
 def choice_loglikelihoods(model: LoadedModel, choices: Sequence[ChoiceTokens], *, reuse: bool = True) -> list[float]:
     """Summed log-likelihood of each choice's continuation.
 
@@ -87,7 +78,7 @@ def choice_loglikelihoods(model: LoadedModel, choices: Sequence[ChoiceTokens], *
     results = []
     for choice in choices:
         if prefix:
-            keep_cache_prefix(model, prefix)
+            model.keep_prefix(prefix)
         else:
             model.clear()
         own_first = max(choice.start - 1, prefix)

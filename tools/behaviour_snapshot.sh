@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Behaviour snapshot for refactors: run a fixed set of explicit commands with the code in TREE, keep the
-# sha256 of every GGUF written and every JSON with timings, paths and throughput removed. Two snapshots of
+# sha256 of every GGUF written (18 commands) and every JSON with timings, paths and throughput removed. Two snapshots of
 # the same commands must be identical (`diff -r A B`): byte-identical GGUF files, the same JSON.
 #
 #   tools/behaviour_snapshot.sh OUT [TREE]      # TREE defaults to this checkout; models from ../shared and the cache
@@ -23,6 +23,7 @@ quiet $G prune $M $OUT/m-layers.gguf --layers 5,9 --json $OUT/m-layers.json
 quiet $G prune $Q $OUT/q-layers.gguf --layers 3,7 --json $OUT/q-layers.json
 quiet $G prune $M $OUT/m-old.gguf --count 4 --criterion per-head --mode drop --json $OUT/m-old.json
 quiet $G prune $S $OUT/s-default.gguf --count 2 --json $OUT/s-default.json
+quiet $G prune $S $OUT/s-default-calib.gguf --count 2 --calib $T --json $OUT/s-default-calib.json
 quiet $G prune $M $OUT/m-fold.gguf --layers 26,27 --mode fold-vo --json $OUT/m-fold.json
 quiet $G prune $S $OUT/s-linear.gguf --layers 2 --mode linear --calib $T --json $OUT/s-linear.json
 quiet $G score $M --json $OUT/m-score.json

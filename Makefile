@@ -17,7 +17,7 @@ install: $(ENVIRONMENT)
 	$(PYTHON) -m pip install -e '.[dev]'
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -rs
 
 bench: install
 	$(PYTHON) -m bench.run $(BENCH)

@@ -26,6 +26,7 @@ Measured against the alternatives in docs/study.md ("The data-free default").
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .budget import Budget, plan_to_budget
 from .errors import GatenormError
 from .harness.model import LoadedModel, open_model
 from .harness.logprobs import log_softmax, row_blocks
@@ -120,9 +122,13 @@ class SelfPruneReport:
     candidates: list[Candidate]
     picked: str
     seconds: dict[str, float] = field(default_factory=dict)
+    predicted: dict[str, Any] | None = None  # with a budget: the prediction the plan was chosen by
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"calibration": self.calibration.to_dict()}
+        """The ``selfprune`` JSON entry (``predicted`` has its own, top-level entry)."""
+        data = asdict(self) | {"calibration": self.calibration.to_dict()}
+        del data["predicted"]
+        return data
 
     def provenance(self) -> dict[str, str]:
         cal = self.calibration
@@ -134,7 +140,7 @@ class SelfPruneReport:
             "patched_layers": ",".join(map(str, self.patched)) or "none",
             "picked": self.picked,
             "held_out_kld": f"{min(c.kld for c in self.candidates):.6f}",
-        }
+        } | ({"predicted": json.dumps(self.predicted)} if self.predicted else {})
 
 
 def check_count(count: int, n_layers: int) -> None:
@@ -381,8 +387,9 @@ def write_plan(
 def self_prune(
     src: Path,
     dst: Path,
-    count: int,
+    count: int | None,
     *,
+    budget: Budget | None = None,
     calib: Path | None = None,
     fixed: Sequence[int] | None = None,
     recover: bool = True,
@@ -391,7 +398,8 @@ def self_prune(
     n_threads: int | None = None,
     progress: bool = False,
 ) -> tuple[PruneResult, SelfPruneReport]:
-    """The whole pipeline for one K: plan, then write ``dst``; the output path is checked before any work."""
+    """The whole pipeline for one K (or for the K a ``budget`` needs): plan, then write ``dst``; the output
+    path, the count or budget, and a speed model the budget needs all come before any sampling."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise GatenormError(f"{src}: no such file")
@@ -403,9 +411,17 @@ def self_prune(
             f"{src}: the data-free default works on {' and '.join(SELF_CALIBRATED_ARCHS)} files, not "
             f"{gguf.architecture}; choose layers with --layers or --criterion per-head"
         )
-    check_count(count, gguf_geometry(src).n_layers)
+    speed = None
+    if budget is None:
+        check_count(count, gguf_geometry(src).n_layers)
+    else:
+        budget.check(src)
+        speed = budget.speed_model(src, progress)
     with contextlib.closing(
         SelfCalibratedPruner(src, calib=calib, recover=recover, seed=seed, n_threads=n_threads, progress=progress)
     ) as pruner:
-        report, patches = pruner.plan(count, fixed=fixed)
+        if budget is None:
+            report, patches = pruner.plan(count, fixed=fixed)
+        else:
+            report, patches, report.predicted = plan_to_budget(src, budget, pruner.plan, speed)
     return write_plan(src, dst, report, patches, force=force, progress=progress), report

@@ -14,6 +14,7 @@ from .app import app, check_output_folders, choices, chosen
 Variant = choices("Variant", VARIANTS)
 Criterion = choices("Criterion", (SELF, *CRITERIA))
 Mode = choices("Mode", MODES)
+Metric = choices("Metric", ("tg", "pp"))
 
 
 @app.command(
@@ -22,6 +23,8 @@ Mode = choices("Mode", MODES)
         "  gatenorm-edge prune model.gguf pruned.gguf --count 4\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --criterion per-head --mode drop\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --calib my-own-text.txt --json result.json\n\n"
+        "  gatenorm-edge prune model.gguf pruned.gguf --speedup 1.2 --depth 8192\n\n"
+        "  gatenorm-edge prune model.gguf pruned.gguf --kv-budget 256M --ctx 32768\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --layers 12,20,25\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --plan scores.json --count 4\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --criterion greedy-ppl --criterion-text tinystories.txt\n\n"
@@ -69,6 +72,21 @@ def prune(
     calib_tokens: int = typer.Option(DEFAULT_CALIB_TOKENS, "--calib-tokens", help="linear: calibration tokens."),
     calib_ctx: int = typer.Option(DEFAULT_CALIB_CTX, "--calib-ctx", help="linear: tokens per calibration sequence."),
     ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", help="linear: ridge, relative to the mean input energy."),
+    speedup: Optional[float] = typer.Option(
+        None, "--speedup", help="Instead of --count: the fewest layers (in the data-free default's order) whose "
+        "predicted speedup at --depth reaches this ratio; the speed model of this CPU is measured once and cached.",
+    ),
+    depth: int = typer.Option(4096, "--depth", help="--speedup: the context depth in tokens the speedup is for."),
+    metric: Metric = typer.Option("tg", "--metric", help="--speedup: tg (generation) or pp (prompt processing)."),
+    kv_budget: Optional[str] = typer.Option(
+        None, "--kv-budget", help="Instead of --count: the fewest layers whose KV cache for --ctx tokens fits this "
+        "size (e.g. 512M, 8GiB; F16 cache, flash attention on).",
+    ),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="--kv-budget: the tokens the KV cache must hold."),
+    max_kld: Optional[float] = typer.Option(
+        None, "--max-kld", help="Instead of --count: the most layers whose KL divergence from the model on held-out "
+        "calibration text stays within this.",
+    ),
 ) -> None:
     """Rewrite MODEL so the chosen layers run without attention in stock llama.cpp (deci architecture).
 
@@ -82,6 +100,16 @@ def prune(
 
     check_output_folders(json_path)
     variant, criterion, mode = chosen(variant), chosen(criterion), chosen(mode)
+    targets = [name for name, given in (("--speedup", speedup), ("--kv-budget", kv_budget), ("--max-kld", max_kld)) if given is not None]
+    if targets:
+        budget = budget_from_options(model, targets, layers, count, plan, criterion, mode, speedup, depth,
+                                     chosen(metric), kv_budget, ctx, max_kld)
+        result, report = self_prune(model, out, None, budget=budget, calib=calib, recover=mode != "drop", seed=seed,
+                                    force=force, progress=True)
+        if json_path is not None:
+            write_json(json_path, result.to_dict() | {"selfprune": report.to_dict(), "predicted": report.predicted})
+        typer.echo(prune_markdown(result, model, out, selfprune_summary(report)))
+        return
     picked, provenance = choose_layers(model, layers, count, variant, plan, criterion, criterion_text, criterion_chunks)
     mode = mode or (AUTO if picked is None else "drop")
     check_recovery_options(mode, alpha, alpha_search, calib)
@@ -93,10 +121,7 @@ def prune(
             model, out, count, calib=calib, fixed=picked, recover=mode == AUTO, seed=seed, force=force, progress=True
         )
         details = {"selfprune": report.to_dict()}
-        summary = [("calibration", f"{report.calibration.tokens} tokens, {report.calibration.source}"),
-                   ("vetoed (critical) layers", ", ".join(map(str, report.vetoed)) or "none"),
-                   ("picked (lowest held-out KLD)", report.picked),
-                   ("seconds (whole pipeline)", f"{report.seconds['total']:.1f}")]
+        summary = selfprune_summary(report)
     else:
         result, recovery = prune_with_recovery(
             model, out, picked, mode, alpha=alpha, alpha_search_text=alpha_search, calib_text=calib,
@@ -108,6 +133,35 @@ def prune(
     if json_path is not None:
         write_json(json_path, result.to_dict() | details)
     typer.echo(prune_markdown(result, model, out, summary))
+
+
+def selfprune_summary(report: Any) -> list[tuple[str, Any]]:
+    """The rows the table adds for the data-free default's decisions."""
+    rows = [("calibration", f"{report.calibration.tokens} tokens, {report.calibration.source}"),
+            ("vetoed (critical) layers", ", ".join(map(str, report.vetoed)) or "none"),
+            ("picked (lowest held-out KLD)", report.picked),
+            ("seconds (whole pipeline)", f"{report.seconds['total']:.1f}")]
+    if report.predicted:
+        rows += [(f"predicted {key.replace('_', ' ')}", f"{value:.3f}x" if "speedup" in key else f"{value:,}")
+                 for key, value in report.predicted.items()]
+    return rows
+
+
+def budget_from_options(
+    model: Path, targets: list[str], layers: str | None, count: int | None, plan: Path | None, criterion: str | None,
+    mode: str | None, speedup: float | None, depth: int, metric: str, kv_budget: str | None, ctx: int | None,
+    max_kld: float | None,
+) -> Any:
+    """The ``Budget`` the target options ask for; one-line errors for options that cannot go with a target."""
+    from ..budget import Budget, parse_size
+
+    others = [name for name, given in (("--count", count), ("--layers", layers), ("--plan", plan)) if given is not None]
+    if others:
+        raise GatenormError(f"{targets[0]} chooses how many layers to remove: give it without {' or '.join(others)}")
+    if criterion not in (None, SELF) or mode not in (None, AUTO, "drop"):
+        raise GatenormError(f"{targets[0]} takes layers in the data-free default's order (--criterion self, --mode auto or drop)")
+    size = parse_size(kv_budget) if kv_budget is not None else None
+    return Budget(speedup=speedup, depth=depth, metric=metric, kv_budget=size, ctx=ctx, max_kld=max_kld)
 
 
 @app.command(

@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections import deque
+from collections.abc import Collection
 from pathlib import Path
 
 import llama_cpp
@@ -167,9 +168,14 @@ def derived_kv_bytes(gguf: GGUFFile, cells: int, flash_attn: bool) -> int:
     flash attention llama.cpp stores V transposed and pads every layer's V, attention-free ones
     included, to the widest layer.
     """
-    g = ModelGeometry.from_gguf(gguf)
-    k_widths = [n * g.head_dim for n in g.head_count_kv]
-    v_widths = [n * g.value_dim for n in g.head_count_kv]
+    return geometry_kv_bytes(ModelGeometry.from_gguf(gguf), cells, flash_attn)
+
+
+def geometry_kv_bytes(g: ModelGeometry, cells: int, flash_attn: bool, removed: Collection[int] = ()) -> int:
+    """``derived_kv_bytes`` of a geometry whose ``removed`` layers are also attention-free."""
+    kv_heads = [0 if layer in removed else n for layer, n in enumerate(g.head_count_kv)]
+    k_widths = [n * g.head_dim for n in kv_heads]
+    v_widths = [n * g.value_dim for n in kv_heads]
     if not flash_attn:
         v_widths = [max(v_widths)] * g.n_layers
     return 2 * cells * (sum(k_widths) + sum(v_widths))

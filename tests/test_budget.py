@@ -1,0 +1,96 @@
+"""Pruning to a budget: sizes parsed, the speed model's arithmetic, the KV budget met with the fewest layers
+(checked against llama.cpp's own KV allocation), the KLD budget, and one-line refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import assert_one_line_error, run_cli_here
+from gatenorm_edge.budget import Budget, parse_size, plan_to_budget
+from gatenorm_edge.errors import GatenormError
+from gatenorm_edge.harness.model import open_model
+from gatenorm_edge.harness.speed import BenchSettings
+from gatenorm_edge.selfprune import SelfCalibratedPruner
+from gatenorm_edge.speedmodel import SpeedModel, measure_speed_model
+
+
+@pytest.mark.parametrize(("text", "size"), [("1000", 1000), ("512M", 512 * 2**20), ("8GiB", 8 * 2**30), ("1.5k", 1536), ("2 MB", 2 * 2**20)])
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_size_refuses_words() -> None:
+    with pytest.raises(GatenormError, match="512M or 8GiB"):
+        parse_size("lots")
+
+
+def test_speed_model_is_linear_in_layers_removed() -> None:
+    base, attention, patch = 0.010, 0.0005, 0.0001
+    model = SpeedModel("m.gguf", "0" * 64, "cpu", 2, True, [4096], 10, {"tg": {"4096": base}, "pp": {"4096": base / 10}},
+                       {"tg": {"4096": attention}, "pp": {"4096": attention / 10}}, {"tg": {"4096": patch}, "pp": {"4096": patch / 10}}, 1.0)
+    assert model.speedup("tg", 4096, 0, 0) == 1.0
+    assert model.speedup("tg", 4096, 4, 0) == pytest.approx(base / (base - 4 * attention))
+    assert model.speedup("tg", 4096, 2, 2) == pytest.approx(base / (base - 4 * attention + 2 * patch))
+    with pytest.raises(GatenormError, match="measured at depths"):
+        model.speedup("tg", 0, 1, 0)
+
+
+def test_speed_model_is_measured_once_and_cached(stories260k: Path, tmp_path: Path) -> None:
+    settings = BenchSettings(prompt=32, gen=4, depths=(64,), reps=1, threads=1)
+    first = measure_speed_model(stories260k, settings, cache_dir=tmp_path)
+    assert first.removed_in_probe == 3 and first.depths == [64]
+    assert all(first.base[kind]["64"] > 0 for kind in ("pp", "tg"))
+    (entry,) = tmp_path.iterdir()
+    assert SpeedModel(**json.loads(entry.read_text())) == first
+    assert measure_speed_model(stories260k, settings, cache_dir=tmp_path) == first  # from the cache: same figures
+    with pytest.raises(GatenormError, match="unpruned model"):
+        pruned = tmp_path / "p.gguf"
+        run_cli_here("prune", stories260k, pruned, "--layers", "2")
+        measure_speed_model(pruned, settings, cache_dir=tmp_path)
+
+
+def test_kv_budget_takes_the_fewest_layers_and_llama_cpp_agrees(stories260k: Path, tmp_path: Path) -> None:
+    # stories260K: 5 layers, 4 KV heads of 8, F16 K and V: 128 bytes per layer per token, 32,768 at 256 tokens
+    out, report = tmp_path / "kv.gguf", tmp_path / "kv.json"
+    done = run_cli_here("prune", stories260k, out, "--kv-budget", "100000", "--ctx", "256", "--json", report)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    assert len(data["selfprune"]["layers"]) == 2  # 3 layers x 32,768 <= 100,000 < 4 x 32,768
+    assert data["predicted"] == {"depth": 256, "kv_bytes": 3 * 32768}
+    with contextlib.closing(open_model(out, n_ctx=256)) as model:
+        assert model.kv_bytes == 3 * 32768  # what llama.cpp allocated for the written file
+
+
+def test_max_kld_takes_the_most_layers_within_the_limit(stories260k: Path) -> None:
+    with contextlib.closing(SelfCalibratedPruner(stories260k, n_threads=1)) as pruner:
+        klds = {k: min(c.kld for c in pruner.plan(k)[0].candidates) for k in (1, 2, 3)}
+        limit = (klds[1] + klds[2]) / 2 if klds[2] > klds[1] else klds[2] * 1.01
+        report, _, entry = plan_to_budget(stories260k, Budget(max_kld=limit), pruner.plan, None)
+    assert min(c.kld for c in report.candidates) <= limit
+    assert len(report.layers) == max(k for k, kld in klds.items() if kld <= limit and all(klds[j] <= limit for j in range(1, k)))
+    assert entry["depth"] == 4096 and entry["kv_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--speedup", "1.2", "--count", "2"], "without --count"),
+        (["--speedup", "1.2", "--layers", "2"], "without --layers"),
+        (["--speedup", "1.2", "--kv-budget", "1M", "--ctx", "64"], "one target"),
+        (["--speedup", "0.8"], "above 1"),
+        (["--speedup", "1.2", "--depth", "100000"], "training context"),
+        (["--kv-budget", "1M"], "needs --ctx"),
+        (["--kv-budget", "10", "--ctx", "256"], "out of reach"),
+        (["--kv-budget", "lots", "--ctx", "256"], "512M or 8GiB"),
+        (["--max-kld", "0"], "must be positive"),
+        (["--speedup", "1.2", "--criterion", "per-head"], "data-free default's order"),
+    ],
+)
+def test_bad_targets_are_one_line_and_write_nothing(stories260k: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "out.gguf"
+    assert_one_line_error(run_cli_here("prune", stories260k, out, *args), message)
+    assert not out.exists()

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("score", "rewrite", "speed", "zeroshot", "recovery", "fuzz")
+BENCHMARKS = ("score", "rewrite", "speed", "zeroshot", "recovery", "fuzz", "speedmodel")
 OUT = Path(__file__).resolve().parent / "out"
 
 

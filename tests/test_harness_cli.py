@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from gatenorm_edge.harness import perplexity as perplexity_module
+from gatenorm_edge.harness.perplexity import perplexity
 from gatenorm_edge.rewrite import prune_gguf
 from cli_helpers import assert_one_line_error, run_cli, run_cli_here
 
@@ -109,3 +111,18 @@ def test_commands_reject_a_file_that_is_not_gguf(bad_texts: dict[str, Path], sto
 
 def test_bench_rejects_bad_depth_list(stories260k: Path) -> None:
     assert_one_line_error(run_cli_here("bench", stories260k, "--depth", "0,lots"), "--depth")
+
+
+def test_a_context_beyond_memory_is_one_line(smollm2: Path, wikitext: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(perplexity_module, "available_memory", lambda: 3 * 2**29)  # 1.5 GiB
+    out = tmp_path / "p.json"
+    # SmolLM2 at ctx 8192: 49,152 logits x (2,048 + 4,096) rows x 4 bytes = 1.1 GiB, plus 1 GiB > 1.5 GiB
+    assert_one_line_error(run_cli_here("ppl", smollm2, "--text", wikitext, "--ctx", "8192", "--json", out),
+                          "--ctx 8192 needs about 1.1 GiB", "1.5 GiB available")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_perplexity_at_a_long_context(smollm2: Path, wikitext: Path) -> None:
+    result = perplexity(smollm2, wikitext, ctx=4096, chunks=1, n_threads=2)
+    assert result.tokens_scored == 2047 and 5 < result.ppl < 60  # SmolLM2 sees 4,096 tokens of WikiText-2

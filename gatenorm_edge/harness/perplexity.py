@@ -124,8 +124,36 @@ def models_on_text(
         for path, model in zip(paths[1:], models[1:]):
             if model.vocab_size != first.vocab_size or model.bos_token != first.bos_token:
                 raise GatenormError(f"{paths[0]} and {path} have different vocabularies")
+        check_memory(sum(logit_bytes(model, ctx) for model in models), f"--ctx {ctx}")
         tokens = np.asarray(first.tokenize_text(content), dtype=np.int64)
         yield models, tokens, count_chunks(len(tokens), ctx, chunks)
+
+
+def logit_bytes(model: LoadedModel, ctx: int) -> int:
+    """The float32 logits a chunk of ``ctx`` holds at once: llama.cpp's output rows (one batch) and ours (the
+    scored half of the chunk)."""
+    return 4 * model.vocab_size * (model.n_batch + ctx // 2)
+
+
+def check_memory(need: int, what: str) -> None:
+    """A one-line error when ``need`` bytes, plus 1 GiB for the rest of the process, exceed the memory the
+    system has available (Linux's MemAvailable; no check elsewhere)."""
+    available = available_memory()
+    if available is not None and need + 2**30 > available:
+        raise GatenormError(
+            f"{what} needs about {need / 2**30:.1f} GiB of logits and this machine has {available / 2**30:.1f} GiB "
+            "available; use a smaller --ctx"
+        )
+
+
+def available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def perplexity(

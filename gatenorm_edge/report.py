@@ -216,6 +216,15 @@ def compare_markdown(result: CompareResult) -> str:
             f"\n\nSpeed: {speed.reps} reps, {speed.threads} threads, t/s as median (min–max); "
             "speed ratios are medians of pair-by-pair ratios, runs interleaved base/pruned."
         )
+    for entry in result.long_context or []:
+        b, p, d = entry.divergence.base, entry.divergence.other, entry.divergence
+        rows += [
+            [f"PPL, {result.text_label}, ctx {entry.ctx}, {b.chunks} chunks ({b.tokens_scored} tokens), {fa}",
+             f"{b.ppl:.4f} ± {b.ppl_stderr:.4f}", f"{p.ppl:.4f} ± {p.ppl_stderr:.4f}", ratio(p.ppl, b.ppl)],
+            [f"KLD at ctx {entry.ctx}, mean ± se", "", f"{d.kld_mean:.5f} ± {d.kld_stderr:.5f}", ""],
+            [f"pass-key retrieval, ctx {entry.ctx}, {entry.base_passkey.trials} trials",
+             f"{100 * entry.base_passkey.accuracy:.0f}%", f"{100 * entry.pruned_passkey.accuracy:.0f}%", ""],
+        ]
     return markdown_table(header, rows) + notes
 
 

@@ -68,3 +68,28 @@ def test_bad_input_is_one_line(smollm2: Path, tmp_path: Path, args: list[str], m
     out = tmp_path / "p.json"
     assert_one_line_error(run_cli_here("passkey", smollm2, *args, "--json", out), message)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_compare_long_adds_long_context_rows(smollm2: Path, wikitext: Path, tmp_path: Path) -> None:
+    pruned = tmp_path / "pruned.gguf"
+    prune_gguf(smollm2, pruned, [26, 27, 28, 29])
+    out = tmp_path / "compare.json"
+    done = run_cli("compare", smollm2, pruned, "--text", wikitext, "--ctx", "128", "--chunks", "2", "--no-speed",
+                   "--threads", "2", "--long", "--long-ctx", "512", "--long-chunks", "1", "--long-trials", "2",
+                   "--json", out)
+    assert done.returncode == 0, done.stderr
+    (entry,) = json.loads(out.read_text())["long_context"]
+    assert entry["ctx"] == 512 and entry["perplexity"]["base"]["ctx"] == 512
+    assert entry["perplexity"]["base"]["tokens_scored"] == 255 and entry["kld"]["tokens"] == 255
+    assert entry["passkey"]["base"]["trials"] == entry["passkey"]["pruned"]["trials"] == 2
+    assert "| pass-key retrieval, ctx 512, 2 trials |" in done.stdout and "| KLD at ctx 512" in done.stdout
+
+
+def test_compare_long_refuses_a_context_beyond_training(smollm2: Path, wikitext: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.json"
+    assert_one_line_error(
+        run_cli_here("compare", smollm2, smollm2, "--text", wikitext, "--long", "--long-ctx", "4096,16384", "--json", out),
+        "--ctx 16384 is beyond",
+    )
+    assert not out.exists()

@@ -100,6 +100,10 @@ def compare(
     zeroshot: str | None = typer.Option(None, "--zeroshot", help="Also zero-shot accuracy on these tasks (see `zeroshot`)."),
     limit: int | None = typer.Option(None, "--limit", help="With --zeroshot: only the first N examples per task."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="With --zeroshot: the task data (default: ../shared/data)."),
+    long: bool = typer.Option(False, "--long", help="Also PPL, KLD and pass-key retrieval at long contexts (--long-ctx)."),
+    long_ctx: str = typer.Option("4096", "--long-ctx", help="With --long: contexts in tokens, comma-separated."),
+    long_chunks: int = typer.Option(4, "--long-chunks", help="With --long: chunks per long-context PPL."),
+    long_trials: int = typer.Option(10, "--long-trials", help="With --long: pass-key trials per context and model."),
 ) -> None:
     """Before vs after: PPL of both, KL divergence (mean, 99th percentile), top-1 agreement, speed, sizes, KV bytes.
 
@@ -113,8 +117,12 @@ def compare(
       gatenorm-edge compare base.gguf pruned.gguf --text wiki.test.raw --no-speed --md compare.md --json compare.json
 
       gatenorm-edge compare base.gguf pruned.gguf --text wiki.test.raw --zeroshot arc_easy,piqa --limit 200
+
+      gatenorm-edge compare base.gguf pruned.gguf --text wiki.test.raw --long --long-ctx 4096,8192 --no-speed
     """
     from ..harness.compare import compare as compare_models
+    from ..harness.compare import long_context
+    from ..harness.passkey import check_context
     from ..harness.speed import BenchSettings
     from ..harness.zeroshot import default_data_dir, load_task, parse_tasks, zeroshot_table
     from ..report import compare_markdown, markdown_table, write_json, write_markdown, zeroshot_markdown_rows
@@ -124,11 +132,19 @@ def compare(
         data_dir = data_dir or default_data_dir()
         for task in parse_tasks(zeroshot, "--zeroshot"):
             load_task(task, data_dir, limit)
+    contexts = comma_ints("--long-ctx", long_ctx, "4096,8192") if long else []
+    for context in contexts:  # before the short runs: a long context the model cannot take is refused at once
+        check_context(base, context)
     settings = BenchSettings(prompt=prompt, gen=gen, depths=tuple(comma_ints("--depth", depth, "0,4096")), reps=reps) if speed else None
     result = compare_models(
         base, pruned, text, ctx=ctx, chunks=chunks, flash_attn=flash_attn, n_threads=threads, speed=settings,
         progress=True,
     )
+    if long:
+        result.long_context = long_context(
+            base, pruned, text, contexts, chunks=long_chunks, trials=long_trials, flash_attn=flash_attn,
+            n_threads=threads, progress=True,
+        )
     table = compare_markdown(result)
     if zeroshot is not None:
         result.zeroshot = zeroshot_table(

@@ -5,18 +5,38 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..inspection import AttentionCost, attention_cost, cost_dict
 from ..sources import GGUFFile
 from .kld import DivergenceResult, kl_divergence
+from .passkey import PasskeyResult, passkey
 from .speed import BenchResult, BenchSettings, bench
 
 if TYPE_CHECKING:
     from .zeroshot.report import ZeroShotRow
 
 KLD_KEYS = ("tokens", "kld_mean", "kld_stderr", "kld_median", "kld_p99", "kld_max", "top1_agreement")
+
+
+@dataclass(frozen=True)
+class LongContext:
+    """Both models at one long context: PPL and KLD on the text, and pass-key retrieval."""
+
+    ctx: int
+    divergence: DivergenceResult
+    base_passkey: PasskeyResult
+    pruned_passkey: PasskeyResult
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.divergence
+        return {
+            "ctx": self.ctx, "perplexity": {"base": d.base.to_dict(), "pruned": d.other.to_dict()},
+            "kld": {key: getattr(d, key) for key in KLD_KEYS},
+            "passkey": {"base": self.base_passkey.to_dict(), "pruned": self.pruned_passkey.to_dict()},
+        }
 
 
 @dataclass
@@ -35,6 +55,7 @@ class CompareResult:
     speed: BenchResult | None
     seconds: float
     zeroshot: list[ZeroShotRow] | None = None
+    long_context: list[LongContext] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = self.divergence
@@ -47,6 +68,8 @@ class CompareResult:
             "speed": self.speed.to_dict() if self.speed is not None else None,
             "seconds": self.seconds,
         }
+        if self.long_context is not None:
+            data["long_context"] = [entry.to_dict() for entry in self.long_context]
         return data if self.zeroshot is None else data | {"zeroshot": [asdict(row) for row in self.zeroshot]}
 
 
@@ -88,3 +111,26 @@ def compare(
         speed=speed_result,
         seconds=time.perf_counter() - started,
     )
+
+
+def long_context(
+    base: Path | str,
+    pruned: Path | str,
+    text: Path | str,
+    contexts: Sequence[int],
+    *,
+    chunks: int = 4,
+    trials: int = 10,
+    flash_attn: bool = True,
+    n_threads: int | None = None,
+    progress: bool = False,
+) -> list[LongContext]:
+    """What short tests miss: PPL and KLD at each long context, and pass-key retrieval there, for both models."""
+    rows = []
+    for ctx in contexts:
+        divergence = kl_divergence(
+            base, pruned, text, ctx=ctx, chunks=chunks, progress=progress, flash_attn=flash_attn, n_threads=n_threads
+        )
+        keys = [passkey(path, ctx, trials, flash_attn=flash_attn, n_threads=n_threads, progress=progress) for path in (base, pruned)]
+        rows.append(LongContext(ctx, divergence, *keys))
+    return rows

@@ -136,6 +136,10 @@ def _spread(cell: Spread) -> str:
     return f"{cell.median:.1f} ({cell.min:.1f}–{cell.max:.1f})"
 
 
+def _predicted(result: BenchResult, kind: str, depth: str) -> str:
+    return "" if result.predicted is None else f" (predicted {result.predicted[kind][depth]:.3f}×)"
+
+
 def bench_markdown(result: BenchResult) -> str:
     """A ``bench`` result: t/s median (min–max) per model and depth, then memory; ratios when two models."""
     fa = fa_label(result.flash_attn)
@@ -149,7 +153,7 @@ def bench_markdown(result: BenchResult) -> str:
             row = [f"{kind}{count} @ d{depth} t/s, {fa}"]
             row += [_spread(result.tps(kind)[m][depth]) for m in models]
             if len(models) > 1:
-                row.append(f"{result.ratios[kind][depth]:.3f}×")
+                row.append(f"{result.ratios[kind][depth]:.3f}×" + _predicted(result, kind, depth))
             rows.append(row)
     memory = [
         (f"KV cache ({result.kv_cells[models[0]]} cells, {fa})", result.kv_bytes, mib),
@@ -204,7 +208,7 @@ def compare_markdown(result: CompareResult) -> str:
                         f"{kind}{count} t/s @ depth {depth}, {fa}",
                         _spread(speed.tps(kind)[b][depth]),
                         _spread(speed.tps(kind)[p][depth]),
-                        f"{speed.ratios[kind][depth]:.3f}×",
+                        f"{speed.ratios[kind][depth]:.3f}×" + _predicted(speed, kind, depth),
                     ]
                 )
         rows.append(

@@ -30,7 +30,7 @@ import numpy as np
 from .errors import GatenormError
 from .fileio import file_sha256, work_folder, write_text_atomic
 from .harness.model import default_threads, geometry_kv_bytes
-from .harness.speed import KINDS, BenchSettings, bench
+from .harness.speed import KINDS, BenchResult, BenchSettings, bench
 from .rewrite import prune_gguf
 from .sources.geometry import gguf_geometry
 
@@ -146,3 +146,34 @@ def measure_speed_model(
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cache, json.dumps(model.to_dict(), indent=1) + "\n")
     return model
+
+
+def cached_speed_model(path: Path, threads: int, flash_attn: bool, depths: list[int]) -> SpeedModel | None:
+    """A speed model measured earlier for this file, this CPU, threads and FA mode, covering ``depths``."""
+    sha = file_sha256(path)
+    for entry in sorted(speed_cache_dir().glob(f"{sha[:16]}-*.json")):
+        try:
+            model = SpeedModel(**json.loads(entry.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if (model.model_sha256, model.cpu, model.threads, model.flash_attn) == (sha, cpu_name(), threads, flash_attn) and set(
+            depths
+        ) <= set(model.depths):
+            return model
+    return None
+
+
+def attach_prediction(result: BenchResult) -> None:
+    """Put the speed model's predicted ratios beside a two-model benchmark's measured ones, when the first
+    model's speed model is in the cache for these settings and the second is a pruned file."""
+    if len(result.models) != 2:
+        return
+    base, pruned = (Path(label.rstrip("'")) for label in result.models)
+    speed = cached_speed_model(base, result.threads, result.flash_attn, result.depths)
+    geometry = gguf_geometry(pruned)
+    if speed is None or gguf_geometry(base).attention_free:
+        return
+    dropped, patched = len(geometry.attention_free), len(geometry.linear_attention)
+    result.predicted = {
+        kind: {str(depth): speed.speedup(kind, depth, dropped, patched) for depth in result.depths} for kind in KINDS
+    }

@@ -94,3 +94,19 @@ def test_bad_targets_are_one_line_and_write_nothing(stories260k: Path, tmp_path:
     out = tmp_path / "out.gguf"
     assert_one_line_error(run_cli_here("prune", stories260k, out, *args), message)
     assert not out.exists()
+
+
+def test_bench_vs_shows_the_prediction_beside_the_measurement(stories260k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATENORM_CACHE", str(tmp_path / "cache"))
+    speed = measure_speed_model(stories260k, BenchSettings(prompt=32, gen=4, depths=(64,), reps=1, threads=1))
+    pruned, out = tmp_path / "p.gguf", tmp_path / "b.json"
+    assert run_cli_here("prune", stories260k, pruned, "--layers", "2,3").returncode == 0
+    done = run_cli_here("bench", stories260k, "--vs", pruned, "--prompt", "32", "--gen", "4", "--depth", "64",
+                        "--reps", "1", "--threads", "1", "--json", out)
+    assert done.returncode == 0, done.stderr
+    predicted = json.loads(out.read_text())["predicted"]
+    assert predicted["tg"]["64"] == pytest.approx(speed.speedup("tg", 64, 2, 0))
+    assert "(predicted " in done.stdout
+    done = run_cli_here("bench", stories260k, "--vs", pruned, "--prompt", "32", "--gen", "4", "--depth", "0",
+                        "--reps", "1", "--threads", "1", "--json", out)
+    assert json.loads(out.read_text())["predicted"] is None  # no speed model at depth 0: no prediction shown

@@ -69,6 +69,7 @@ def bench(
     """
     from ..harness.speed import BenchSettings, bench as bench_models
     from ..report import bench_markdown, write_json
+    from ..speedmodel import attach_prediction
 
     check_output_folders(json_path)
     settings = BenchSettings(
@@ -76,6 +77,7 @@ def bench(
     )
     models = [model] if vs is None else [model, vs]
     result = bench_models(models, settings, progress=True)
+    attach_prediction(result)
     typer.echo(bench_markdown(result))
     if json_path is not None:
         write_json(json_path, result)
@@ -123,6 +125,7 @@ def compare(
     from ..harness.compare import compare as compare_models
     from ..harness.compare import long_context
     from ..harness.passkey import check_context
+    from ..speedmodel import attach_prediction
     from ..harness.speed import BenchSettings
     from ..harness.zeroshot import default_data_dir, load_task, parse_tasks, zeroshot_table
     from ..report import compare_markdown, markdown_table, write_json, write_markdown, zeroshot_markdown_rows
@@ -145,6 +148,8 @@ def compare(
             base, pruned, text, contexts, chunks=long_chunks, trials=long_trials, flash_attn=flash_attn,
             n_threads=threads, progress=True,
         )
+    if result.speed is not None:
+        attach_prediction(result.speed)
     table = compare_markdown(result)
     if zeroshot is not None:
         result.zeroshot = zeroshot_table(

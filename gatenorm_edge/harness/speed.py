@@ -240,6 +240,7 @@ class BenchResult:
     load_seconds: dict[str, float]
     rss_bytes: dict[str, int]
     seconds: float
+    predicted: dict[str, dict[str, float]] | None = None  # ratios the speed model predicts (``speedmodel``)
 
     def tps(self, kind: str) -> dict[str, dict[str, Spread]]:
         """``pp_tps`` or ``tg_tps``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,20 @@ def run_cli(*args: str | Path, cwd: Path = ROOT, prelude: str = "") -> subproces
         command = ["-m", "gatenorm_edge"]
     return subprocess.run(
         [sys.executable, *command, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+def spawn_cli(*args: str | Path, prelude: str = "", env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``gatenorm-edge ARGS`` started in the background, taking SIGINT as from a terminal even when this test
+    run itself was started with SIGINT ignored (as a shell starts background jobs, and Python then keeps it
+    ignored in every child)."""
+    code = (
+        "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"{prelude}\nimport sys\nfrom gatenorm_edge.cli import main\nsys.argv[0] = 'gatenorm-edge'\nmain()"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
     )
 
 

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from cli_helpers import ROOT, assert_one_line_error, run_cli, run_cli_here
+from cli_helpers import assert_one_line_error, run_cli, run_cli_here, spawn_cli
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.probe import StreamEdits, StreamProbe
 from gatenorm_edge.harness.selfcal import sample_sequences, self_calibration
@@ -250,10 +247,7 @@ def test_interrupted_default_prune_leaves_nothing_half_written(
     folder = tmp_path / "out"
     folder.mkdir()
     out = folder / "pruned.gguf"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gatenorm_edge", "prune", str(smollm2), str(out), "--count", "2"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
-    )
+    process = spawn_cli("prune", smollm2, out, "--count", "2")
     time.sleep(4.0)  # inside sampling: the whole run takes a minute or more on SmolLM2
     process.send_signal(signal_number)
     process.communicate(timeout=120)

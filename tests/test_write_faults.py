@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import ROOT, assert_one_line_error, run_cli
+from cli_helpers import ROOT, assert_one_line_error, run_cli, spawn_cli
 
 from gatenorm_edge.fileio import PARTIAL_TAG
 from gatenorm_edge.inspection import attention_free_layers
@@ -43,11 +43,7 @@ def slowed(target: str, delay: float, marker: Path, after: bool = False) -> str:
 
 
 def start(args: list[str | Path], prelude: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    code = f"{prelude}\nimport sys\nfrom gatenorm_edge.cli import main\nsys.argv[0] = 'gatenorm-edge'\nmain()"
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *map(str, args)], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
-    )
+    return spawn_cli(*args, prelude=prelude, env=env)
 
 
 def wait_for(marker: Path, process: subprocess.Popen[str], timeout: float = 120) -> None:

@@ -117,8 +117,13 @@ def plan_to_budget(
         while True:
             report, patches = plan(k)
             entry = prediction(path, speed, budget.depth, report)
-            if entry[f"{budget.metric}_speedup"] >= budget.speedup or k == most:
+            if entry[f"{budget.metric}_speedup"] >= budget.speedup:
                 return report, patches, entry
+            if k == most:
+                raise GatenormError(
+                    f"--speedup {budget.speedup} is out of reach with the default's patches: {most} layers are "
+                    f"predicted to give {entry[f'{budget.metric}_speedup']:.3f}x; try --mode drop"
+                )
             k += 1
     if budget.kv_budget is not None:
         full = kv_bytes(path, budget.ctx, [])

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import GatenormError
+from .harness.model import check_training_context
 from .harness.speed import BenchSettings
+from .sources import GGUFFile
 from .sources.geometry import gguf_geometry
 from .speedmodel import SpeedModel, kv_bytes, measure_speed_model, predicted
 
@@ -60,17 +62,16 @@ class Budget:
             raise GatenormError(f"give one target of --speedup, --kv-budget and --max-kld, not {' and '.join(given)}")
         if self.metric not in METRICS:
             raise GatenormError(f"--metric is tg or pp, not {self.metric!r}")
-        trained = gguf_geometry(path).context_length
         if self.speedup is not None:
             if self.speedup <= 1:
                 raise GatenormError(f"--speedup must be above 1 (a ratio of tokens/s), not {self.speedup}")
-            if self.depth < 0 or (trained is not None and self.depth > trained):
-                raise GatenormError(f"--depth {self.depth} is beyond {path.name}'s training context ({trained} tokens)")
+            if self.depth < 0:
+                raise GatenormError(f"--depth must be 0 or more tokens, not {self.depth}")
+            check_training_context(GGUFFile(path), self.depth, "--depth")
         if self.kv_budget is not None:
             if self.ctx is None or self.ctx < 1:
                 raise GatenormError("--kv-budget needs --ctx N: the number of tokens the KV cache must hold")
-            if trained is not None and self.ctx > trained:
-                raise GatenormError(f"--ctx {self.ctx} is beyond {path.name}'s training context ({trained} tokens)")
+            check_training_context(GGUFFile(path), self.ctx, "--ctx")
             most = gguf_geometry(path).n_layers - 2
             floor = kv_bytes(path, self.ctx, range(1, most + 1))
             if floor > self.kv_budget:

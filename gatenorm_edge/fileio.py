@@ -57,6 +57,23 @@ def remove_stale(folder: Path, prefix: str) -> list[Path]:
     return removed
 
 
+def cache_folder(kind: str) -> Path:
+    """Where results of ``kind`` are cached: ``$GATENORM_CACHE/KIND`` or ``~/.cache/gatenorm-edge/KIND``."""
+    return Path(os.environ.get("GATENORM_CACHE", Path.home() / ".cache" / "gatenorm-edge")) / kind
+
+
+def proc_bytes(path: str, key: str) -> int | None:
+    """The ``KEY:  N kB`` line of a Linux /proc file (``/proc/meminfo``, ``/proc/self/status``) in bytes;
+    None where there is no such file or line."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @contextlib.contextmanager
 def work_folder(kind: str, parent: Path | None = None) -> Iterator[Path]:
     """A private temporary folder ``gatenorm-KIND-PID-XXXX`` (in ``parent`` or the system's temp folder),

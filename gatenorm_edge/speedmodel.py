@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GatenormError
+from .fileio import cache_folder
 from .fileio import file_sha256, work_folder, write_text_atomic
 from .harness.model import default_threads, geometry_kv_bytes
 from .harness.speed import KINDS, BenchResult, BenchSettings, bench
@@ -46,11 +46,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def speed_cache_dir() -> Path:
-    root = os.environ.get("GATENORM_CACHE", Path.home() / ".cache" / "gatenorm-edge")
-    return Path(root) / "speed"
 
 
 @dataclass(frozen=True)
@@ -116,7 +111,7 @@ def measure_speed_model(
     sha = file_sha256(path)
     key = json.dumps([sha, cpu_name(), threads, settings.flash_attn, list(settings.depths), settings.prompt,
                       settings.gen, settings.reps])
-    cache = (cache_dir or speed_cache_dir()) / f"{sha[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    cache = (cache_dir or cache_folder("speed")) / f"{sha[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if cache.is_file():
         try:
             return SpeedModel(**json.loads(cache.read_text()))
@@ -150,8 +145,11 @@ def measure_speed_model(
 
 def cached_speed_model(path: Path, threads: int, flash_attn: bool, depths: list[int]) -> SpeedModel | None:
     """A speed model measured earlier for this file, this CPU, threads and FA mode, covering ``depths``."""
+    folder = cache_folder("speed")
+    if not any(folder.glob("*.json")):
+        return None  # nothing measured on this machine: no need to hash the model
     sha = file_sha256(path)
-    for entry in sorted(speed_cache_dir().glob(f"{sha[:16]}-*.json")):
+    for entry in sorted(folder.glob(f"{sha[:16]}-*.json")):
         try:
             model = SpeedModel(**json.loads(entry.read_text()))
         except (OSError, ValueError, TypeError):

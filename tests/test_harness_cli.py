@@ -114,7 +114,7 @@ def test_bench_rejects_bad_depth_list(stories260k: Path) -> None:
 
 
 def test_a_context_beyond_memory_is_one_line(smollm2: Path, wikitext: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(perplexity_module, "available_memory", lambda: 3 * 2**29)  # 1.5 GiB
+    monkeypatch.setattr(perplexity_module, "proc_bytes", lambda path, key: 3 * 2**29)  # 1.5 GiB available
     out = tmp_path / "p.json"
     # SmolLM2 at ctx 8192: 49,152 logits x (2,048 + 4,096) rows x 4 bytes = 1.1 GiB, plus 1 GiB > 1.5 GiB
     assert_one_line_error(run_cli_here("ppl", smollm2, "--text", wikitext, "--ctx", "8192", "--json", out),

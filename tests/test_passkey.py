@@ -59,7 +59,7 @@ def test_cli_writes_the_json_contract(smollm2: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--ctx", "100000"], "beyond SmolLM2-135M-Instruct.Q4_1.gguf's training context (8192 tokens)"),
+        (["--ctx", "100000"], "--ctx 100000 exceeds SmolLM2-135M-Instruct.Q4_1.gguf's training context of 8192 tokens"),
         (["--ctx", "64"], "too small"),
         (["--ctx", "1024", "--trials", "0"], "--trials must be at least 1"),
     ],
@@ -90,6 +90,6 @@ def test_compare_long_refuses_a_context_beyond_training(smollm2: Path, wikitext:
     out = tmp_path / "c.json"
     assert_one_line_error(
         run_cli_here("compare", smollm2, smollm2, "--text", wikitext, "--long", "--long-ctx", "4096,16384", "--json", out),
-        "--ctx 16384 is beyond",
+        "--ctx 16384 exceeds SmolLM2-135M-Instruct.Q4_1.gguf's training context of 8192 tokens",
     )
     assert not out.exists()

@@ -54,6 +54,13 @@ def training_context(gguf: GGUFFile) -> int | None:
     return ModelGeometry.from_gguf(gguf).context_length
 
 
+def check_training_context(gguf: GGUFFile, tokens: int, what: str = "context") -> None:
+    """A one-line error when ``tokens`` (a context, a depth) is beyond the model's training context."""
+    trained = training_context(gguf)
+    if trained is not None and tokens > trained:
+        raise GatenormError(f"{what} {tokens} exceeds {Path(gguf.path).name}'s training context of {trained} tokens")
+
+
 class LoadedModel(llama_cpp.Llama):
     """A ``llama_cpp.Llama`` plus what loading it reported (time, KV-cache bytes) and batch decoding."""
 
@@ -218,9 +225,7 @@ def open_model(
     gguf = GGUFFile(path)
     if n_ctx < 1:
         raise GatenormError(f"context size must be positive, got {n_ctx}")
-    trained = training_context(gguf)
-    if trained is not None and n_ctx > trained:
-        raise GatenormError(f"context {n_ctx} exceeds {path.name}'s training context of {trained} tokens")
+    check_training_context(gguf, n_ctx)
     return LoadedModel(
         gguf, n_ctx=n_ctx, flash_attn=flash_attn, logits_all=logits_all, n_threads=n_threads or default_threads()
     )

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import GatenormError
 from ..progress import progress_bar
 from ..sources import GGUFFile
-from .model import LoadedModel, open_model, training_context
+from .model import LoadedModel, check_training_context, open_model
 
 INSTRUCTION = "A five-digit pass key is hidden in the long text below. Read all of it and remember the pass key.\n\n"
 FILLER = "The old road climbs past the mill and over the hill. The river is slow here and the fields are wide. "
@@ -134,11 +134,9 @@ def greedy_answer(model: LoadedModel, last_logits: np.ndarray) -> str:
 
 def check_context(path: Path, ctx: int) -> None:
     """``ctx`` must be at least ``MIN_CTX`` and within the model's training context."""
-    trained = training_context(GGUFFile(path))
     if ctx < MIN_CTX:
         raise GatenormError(f"--ctx {ctx} is too small for a pass-key prompt (at least {MIN_CTX})")
-    if trained is not None and ctx > trained:
-        raise GatenormError(f"--ctx {ctx} is beyond {Path(path).name}'s training context ({trained} tokens)")
+    check_training_context(GGUFFile(path), ctx, "--ctx")
 
 
 def passkey(

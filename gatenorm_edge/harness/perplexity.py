@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GatenormError
+from ..fileio import proc_bytes
 from .model import LoadedModel, open_model
 from ..progress import progress_bar
 from .logprobs import token_nll
@@ -138,22 +139,13 @@ def logit_bytes(model: LoadedModel, ctx: int) -> int:
 def check_memory(need: int, what: str) -> None:
     """A one-line error when ``need`` bytes, plus 1 GiB for the rest of the process, exceed the memory the
     system has available (Linux's MemAvailable; no check elsewhere)."""
-    available = available_memory()
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
     if available is not None and need + 2**30 > available:
         raise GatenormError(
             f"{what} needs about {need / 2**30:.1f} GiB of logits and this machine has {available / 2**30:.1f} GiB "
             "available; use a smaller --ctx"
         )
 
-
-def available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def perplexity(

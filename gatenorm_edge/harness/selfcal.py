@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import llama_cpp
 import numpy as np
 
 from ..errors import GatenormError
-from ..fileio import file_sha256, write_text_atomic
+from ..fileio import cache_folder, file_sha256, write_text_atomic
 from .model import LoadedModel
 from .text import bos_chunk
 from ..progress import progress_bar
@@ -91,12 +90,6 @@ class CalibrationRecord:
         return {"source": self.source, "sha256": self.sha256, "tokens": self.tokens, "sequences": self.sequences} | (
             self.settings | cached
         )
-
-
-def calibration_cache_dir() -> Path:
-    """``$GATENORM_CACHE/calibration`` or ``~/.cache/gatenorm-edge/calibration``."""
-    root = os.environ.get("GATENORM_CACHE", Path.home() / ".cache" / "gatenorm-edge")
-    return Path(root) / "calibration"
 
 
 def _token_digest(sequences: tuple[tuple[int, ...], ...]) -> str:
@@ -263,7 +256,7 @@ def self_calibration(
     model_sha256 = model_sha256 or file_sha256(model.path)
     settings = {"seed": seed, "seq_len": seq_len, "starts_version": STARTS_VERSION, "temperature": 1.0}
     key = hashlib.sha256(json.dumps([model_sha256, settings, list(starts)]).encode()).hexdigest()[:16]
-    cache = (cache_dir or calibration_cache_dir()) / f"{model_sha256[:16]}-{key}.json"
+    cache = (cache_dir or cache_folder("calibration")) / f"{model_sha256[:16]}-{key}.json"
     if cache.is_file():
         try:
             stored = json.loads(cache.read_text())

@@ -29,6 +29,7 @@ import llama_cpp
 import numpy as np
 
 from ..errors import GatenormError
+from ..fileio import proc_bytes
 from .model import LoadedModel, default_threads, open_model
 from ..progress import progress_bar
 
@@ -120,12 +121,9 @@ def peak_rss_bytes() -> int:
     fork time across the exec of a spawned worker, so every worker of a large parent reported the same
     figure. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB on the other systems).
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 

@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import GatenormError
-from ...fileio import file_sha256
+from ...fileio import cache_folder, file_sha256
 from ...progress import progress_bar
 from ...sources import GGUFFile
 from ..model import LoadedModel, open_model, training_context
-from .cache import ExampleResult, ResultsFile, default_cache_dir, results_path
+from .cache import ExampleResult, ResultsFile, results_path
 from .loglikelihood import choice_loglikelihoods, encode_pair, shared_prefix, tokenize_example
 from .report import TaskResult, ZeroShotReport, ZeroShotRow, is_correct
 from .tasks import TASKS, Example, default_data_dir, load_task, parse_tasks, task_file
@@ -115,7 +115,7 @@ def evaluate(
     if not model_path.is_file():
         raise GatenormError(f"{model_path}: no such model file")
     model_sha = file_sha256(model_path)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else cache_folder("zeroshot")
     with contextlib.closing(
         open_model(model_path, n_ctx=model_context(model_path), flash_attn=flash_attn, n_threads=n_threads)
     ) as model:

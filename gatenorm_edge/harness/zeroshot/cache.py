@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,10 +14,6 @@ from ...errors import GatenormError
 from .tasks import Example
 
 RESULTS_VERSION = 1  # bump when prompts or scoring change: old cached results stop matching
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("GATENORM_CACHE", Path.home() / ".cache" / "gatenorm-edge")) / "zeroshot"
-
 
 @dataclass
 class ExampleResult:

@@ -2,56 +2,81 @@
 
 For each model, the speed model is measured at the depths (cached per CPU), then for each K and mode
 (drop; patch: the same layers as zero linear patches, which cost what any patch costs) a pruned file is
-benchmarked against the base, interleaved, at the same depths; each measured ratio is the median of
-per-pair ratios. The goal: every prediction within 5% of the measurement.
+benchmarked against the base as `bench --vs` does, interleaved A B A B, at the same depths, with
+``VALIDATION_REPS`` rounds; each measured ratio is the median of per-round ratios. The goal: every
+prediction within 5% of the measurement. (One run with the base and all six pruned files interleaved
+was tried first: on this VM's noisy host its long rounds put qwen2.5-coder-0.5b's pp ratios at depth
+10-22% below the pairwise runs.)
 
 Environment: GATENORM_BENCH_MODELS (default smollm2,qwen05), GATENORM_BENCH_DEPTHS (0,4096,8192),
-GATENORM_BENCH_COUNTS (4,8,12).
+GATENORM_BENCH_COUNTS (4,8,12), GATENORM_BENCH_COST_MODELS (smollm2,qwen15: the speed model's cost
+from nothing at depth 4096, `prune --speedup`'s default). A depth beyond what the model's training
+context holds with the timed prompt after it is cut to the deepest that fits (SmolLM2: 7936 for 8192).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 from gatenorm_edge.fetch import fetch_model
-from gatenorm_edge.harness.speed import BenchSettings, bench
+from gatenorm_edge.harness.speed import bench
 from gatenorm_edge.rewrite import prune_gguf
 from gatenorm_edge.scoring import score_model
 from gatenorm_edge.sources.geometry import gguf_geometry
-from gatenorm_edge.speedmodel import measure_speed_model
+from gatenorm_edge.speedmodel import SPEED_SETTINGS, cpu_name, measure_speed_model, speed_settings
 
 
 def _ints(name: str, default: str) -> tuple[int, ...]:
     return tuple(int(part) for part in os.environ.get(name, default).split(","))
 
 
+VALIDATION_REPS = 5
+
+
+def cost(names: list[str], depth: int = 4096) -> dict[str, float]:
+    """Seconds to measure each model's speed model from nothing at one depth, as `prune --speedup X` does on
+    its first run (into a fresh cache)."""
+    seconds = {}
+    for name in names:
+        path = fetch_model(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            measure_speed_model(path, speed_settings(path, (depth,)), cache_dir=Path(tmp))
+            seconds[name] = round(time.perf_counter() - started, 1)
+        print(f"{name}: speed model at depth {depth} in {seconds[name]} s", file=sys.stderr, flush=True)
+    return seconds
+
+
 def run() -> dict:
     models = os.environ.get("GATENORM_BENCH_MODELS", "smollm2,qwen05").split(",")
     depths, counts = _ints("GATENORM_BENCH_DEPTHS", "0,4096,8192"), _ints("GATENORM_BENCH_COUNTS", "4,8,12")
-    settings = BenchSettings(prompt=256, gen=32, depths=depths, reps=3)
-    rows, progress = [], sys.stderr.isatty()
+    rows, costs, progress = [], {}, sys.stderr.isatty()
     for name in models:
         base = fetch_model(name)
+        settings = speed_settings(base, depths)
         speed = measure_speed_model(base, settings, progress=progress)
+        costs[name] = round(speed.seconds, 1)
         order = score_model(base, "per-head").prune_order
         width = gguf_geometry(base).n_embd
+        check = dataclasses.replace(settings, reps=VALIDATION_REPS)
         for k in counts:
             for mode in ("drop", "patch"):
                 with tempfile.TemporaryDirectory() as tmp:
                     pruned = Path(tmp) / f"k{k}-{mode}.gguf"
                     maps = (lambda layer: np.zeros((width, width), dtype=np.float32)) if mode == "patch" else None
                     prune_gguf(base, pruned, order[:k], linear_maps=maps)
-                    measured = bench([base, pruned], settings, progress=progress)
+                    measured = bench([base, pruned], check, progress=progress)
                 dropped, patched = (k, 0) if mode == "drop" else (0, k)
                 for kind in ("pp", "tg"):
-                    for depth in depths:
-                        want = speed.speedup(kind, depth, dropped, patched)
-                        got = measured.ratios[kind][str(depth)]
+                    for depth in settings.depths:
+                        want, got = speed.speedup(kind, depth, dropped, patched), measured.ratios[kind][str(depth)]
                         rows.append({"model": name, "k": k, "mode": mode, "kind": kind, "depth": depth,
                                      "predicted": round(want, 4), "measured": round(got, 4),
                                      "error_pct": round(100 * (want / got - 1), 2)})
@@ -59,4 +84,7 @@ def run() -> dict:
                               file=sys.stderr, flush=True)
     worst = max(abs(row["error_pct"]) for row in rows)
     return {"rows": rows, "worst_error_pct": worst, "goal_pct": 5.0, "met": worst <= 5.0,
-            "settings": {"prompt": settings.prompt, "gen": settings.gen, "reps": settings.reps, "flash_attn": True}}
+            "speed_model_seconds": costs, "cpu": cpu_name(),
+            "cost_at_4096_seconds": cost(os.environ.get("GATENORM_BENCH_COST_MODELS", "smollm2,qwen15").split(",")),
+            "settings": {"prompt": SPEED_SETTINGS.prompt, "gen": SPEED_SETTINGS.gen, "reps": SPEED_SETTINGS.reps,
+                         "validation_reps": VALIDATION_REPS, "flash_attn": SPEED_SETTINGS.flash_attn}}

@@ -8,6 +8,7 @@ CPU, threads and depth), KV bytes from the geometry, the KLD from the pipeline's
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,11 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import GatenormError
-from .harness.model import check_training_context
-from .harness.speed import BenchSettings
+from .harness.model import check_training_context, default_threads, training_context
 from .sources import GGUFFile
 from .sources.geometry import gguf_geometry
-from .speedmodel import SpeedModel, kv_bytes, measure_speed_model, predicted
+from .speedmodel import SPEED_SETTINGS, SpeedModel, cached_speed_model, kv_bytes, measure_speed_model, predicted
 
 if TYPE_CHECKING:
     from .selfprune import SelfPruneReport
@@ -67,7 +67,12 @@ class Budget:
                 raise GatenormError(f"--speedup must be above 1 (a ratio of tokens/s), not {self.speedup}")
             if self.depth < 0:
                 raise GatenormError(f"--depth must be 0 or more tokens, not {self.depth}")
-            check_training_context(GGUFFile(path), self.depth, "--depth")
+            trained, room = training_context(GGUFFile(path)), SPEED_SETTINGS.prompt
+            if trained is not None and self.depth + room > trained:
+                raise GatenormError(
+                    f"--depth {self.depth} is too deep for {path.name}'s training context of {trained} tokens: the "
+                    f"speed model times {room} tokens after the depth, so --depth can be at most {trained - room}"
+                )
         if self.kv_budget is not None:
             if self.ctx is None or self.ctx < 1:
                 raise GatenormError("--kv-budget needs --ctx N: the number of tokens the KV cache must hold")
@@ -83,11 +88,15 @@ class Budget:
             raise GatenormError(f"--max-kld must be positive, not {self.max_kld}")
 
     def speed_model(self, path: Path, progress: bool) -> SpeedModel | None:
-        """For --speedup: this CPU's speed model (cached), after checking the target can be reached."""
+        """For --speedup: this CPU's speed model, after checking the target can be reached. Any model measured
+        earlier for this file, CPU, threads and FA mode at this depth serves; else it is measured now."""
         if self.speedup is None:
             return None
-        settings = BenchSettings(prompt=256, gen=32, depths=(self.depth,), reps=3, threads=self.threads)
-        speed = measure_speed_model(path, settings, progress=progress)
+        threads = self.threads or default_threads()
+        speed = cached_speed_model(path, threads, True, [self.depth])
+        if speed is None:
+            settings = dataclasses.replace(SPEED_SETTINGS, depths=(self.depth,), threads=threads)
+            speed = measure_speed_model(path, settings, progress=progress)
         most = gguf_geometry(path).n_layers - 2
         best = speed.speedup(self.metric, self.depth, most, 0)
         if best < self.speedup:

@@ -17,6 +17,7 @@ bench settings (``~/.cache/gatenorm-edge/speed``), so a later prune with a budge
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -27,14 +28,22 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GatenormError
-from .fileio import cache_folder
-from .fileio import file_sha256, work_folder, write_text_atomic
-from .harness.model import default_threads, geometry_kv_bytes
+from .fileio import cache_folder, file_sha256, work_folder, write_text_atomic
+from .harness.model import default_threads, geometry_kv_bytes, training_context
 from .harness.speed import KINDS, BenchResult, BenchSettings, bench
 from .rewrite import prune_gguf
+from .sources import GGUFFile
 from .sources.geometry import gguf_geometry
 
 SPEED_SETTINGS = BenchSettings(prompt=256, gen=32, depths=(0, 4096), reps=3)
+
+
+def speed_settings(path: Path, depths: Collection[int]) -> BenchSettings:
+    """The speed model's settings at ``depths``, the deepest cut to what the model's training context holds
+    with the timed prompt after it (SmolLM2: 8192 - 256 = 7936)."""
+    trained = training_context(GGUFFile(path)) or max(depths) + SPEED_SETTINGS.prompt
+    deepest = trained - SPEED_SETTINGS.prompt
+    return dataclasses.replace(SPEED_SETTINGS, depths=tuple(sorted({min(d, deepest) for d in depths})))
 
 
 def cpu_name() -> str:

@@ -13,9 +13,9 @@ from cli_helpers import assert_one_line_error, run_cli_here
 from gatenorm_edge.budget import Budget, parse_size, plan_to_budget
 from gatenorm_edge.errors import GatenormError
 from gatenorm_edge.harness.model import open_model
-from gatenorm_edge.harness.speed import BenchSettings
+from gatenorm_edge.harness.speed import BenchResult, BenchSettings, Spread
 from gatenorm_edge.selfprune import SelfCalibratedPruner
-from gatenorm_edge.speedmodel import SpeedModel, measure_speed_model
+from gatenorm_edge.speedmodel import SpeedModel, measure_speed_model, speed_settings
 
 
 @pytest.mark.parametrize(("text", "size"), [("1000", 1000), ("512M", 512 * 2**20), ("8GiB", 8 * 2**30), ("1.5k", 1536), ("2 MB", 2 * 2**20)])
@@ -82,7 +82,8 @@ def test_max_kld_takes_the_most_layers_within_the_limit(stories260k: Path) -> No
         (["--speedup", "1.2", "--layers", "2"], "without --layers"),
         (["--speedup", "1.2", "--kv-budget", "1M", "--ctx", "64"], "one target"),
         (["--speedup", "0.8"], "above 1"),
-        (["--speedup", "1.2", "--depth", "100000"], "--depth 100000 exceeds stories260K.gguf's training context"),
+        (["--speedup", "1.2", "--depth", "100000"], "--depth 100000 is too deep for stories260K.gguf's training context"),
+        (["--speedup", "1.2", "--depth", "2000"], "--depth can be at most 1792"),
         (["--speedup", "1.2", "--depth", "-1"], "--depth must be 0 or more"),
         (["--kv-budget", "1M"], "needs --ctx"),
         (["--kv-budget", "10", "--ctx", "256"], "out of reach"),
@@ -111,3 +112,28 @@ def test_bench_vs_shows_the_prediction_beside_the_measurement(stories260k: Path,
     done = run_cli_here("bench", stories260k, "--vs", pruned, "--prompt", "32", "--gen", "4", "--depth", "0",
                         "--reps", "1", "--threads", "1", "--json", out)
     assert json.loads(out.read_text())["predicted"] is None  # no speed model at depth 0: no prediction shown
+
+
+def test_budget_reuses_a_speed_model_that_covers_its_depth(stories260k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATENORM_CACHE", str(tmp_path / "cache"))
+    earlier = measure_speed_model(stories260k, BenchSettings(prompt=32, gen=4, depths=(0, 64), reps=1, threads=1))
+
+    def measure_again(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached speed model covers depth 64: nothing to measure")
+
+    monkeypatch.setattr("gatenorm_edge.budget.measure_speed_model", measure_again)
+    assert Budget(speedup=1.01, depth=64, threads=1).speed_model(stories260k, progress=False) == earlier
+
+
+def test_speed_settings_cut_the_deepest_depth_to_the_training_context(stories260k: Path) -> None:
+    # stories260K: a 2048-token training context; the speed model times 256 prompt tokens after the depth
+    assert speed_settings(stories260k, (0, 128, 4096)).depths == (0, 128, 1792)
+
+
+def test_bench_ratio_is_the_median_of_round_by_round_ratios() -> None:
+    def spread(*values: float) -> Spread:
+        return Spread.of(list(values))
+
+    rates = {"a": {"0": spread(10.0, 20.0, 30.0)}, "b": {"0": spread(11.0, 26.0, 30.0)}}
+    result = BenchResult(["a", "b"], [0], 1, 1, 3, 1, True, rates, rates, {}, {}, {}, {}, {}, 0.0)
+    assert result.ratio("tg", 0, "b") == pytest.approx(1.1)  # rounds: 1.1, 1.3, 1.0

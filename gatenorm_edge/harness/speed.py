@@ -244,6 +244,12 @@ class BenchResult:
         """``pp_tps`` or ``tg_tps``."""
         return self.pp_tps if kind == "pp" else self.tg_tps
 
+    def ratio(self, kind: str, depth: int, label: str) -> float:
+        """The median of pair-by-pair tokens/s ratios, ``label`` over the first model, in one depth's runs."""
+        rates = self.tps(kind)
+        pairs = zip(rates[label][str(depth)].samples, rates[self.models[0]][str(depth)].samples)
+        return statistics.median(b / a for b, a in pairs)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -281,14 +287,7 @@ def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(
     finally:
         for worker in workers:
             worker.kill()
-    ratios: dict[str, dict[str, float]] = {kind: {} for kind in KINDS}
-    if len(labels) > 1:
-        first, other = labels[0], labels[1]
-        for kind in KINDS:
-            for depth in settings.depths:
-                pairs = zip(tps[kind][other][depth], tps[kind][first][depth])
-                ratios[kind][str(depth)] = statistics.median(b / a for b, a in pairs)
-    return BenchResult(
+    result = BenchResult(
         models=labels,
         depths=list(settings.depths),
         prompt=settings.prompt,
@@ -298,10 +297,13 @@ def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(
         flash_attn=settings.flash_attn,
         pp_tps={label: {str(d): Spread.of(v) for d, v in tps["pp"][label].items()} for label in labels},
         tg_tps={label: {str(d): Spread.of(v) for d, v in tps["tg"][label].items()} for label in labels},
-        ratios=ratios,
+        ratios={kind: {} for kind in KINDS},
         kv_bytes={label: w.info["kv_bytes"] for label, w in zip(labels, workers)},
         kv_cells={label: w.info["kv_cells"] for label, w in zip(labels, workers)},
         load_seconds={label: w.info["load_seconds"] for label, w in zip(labels, workers)},
         rss_bytes=rss,
         seconds=time.perf_counter() - started,
     )
+    if len(labels) > 1:
+        result.ratios = {kind: {str(d): result.ratio(kind, d, labels[1]) for d in settings.depths} for kind in KINDS}
+    return result

@@ -5,8 +5,8 @@ For each model, the speed model is measured at the depths (cached per CPU), then
 benchmarked against the base as `bench --vs` does, interleaved A B A B, at the same depths, with
 ``VALIDATION_REPS`` rounds; each measured ratio is the median of per-round ratios. The goal: every
 prediction within 5% of the measurement. (One run with the base and all six pruned files interleaved
-was tried first: on this VM's noisy host its long rounds put qwen2.5-coder-0.5b's pp ratios at depth
-10-22% below the pairwise runs.)
+was tried first; its qwen2.5-coder-0.5b pp ratios at depth read 10-22% below the predictions. pp at depth
+turned out not to repeat between worker processes on this VM at all: docs/budget.md.)
 
 Environment: GATENORM_BENCH_MODELS (default smollm2,qwen05), GATENORM_BENCH_DEPTHS (0,4096,8192),
 GATENORM_BENCH_COUNTS (4,8,12), GATENORM_BENCH_COST_MODELS (smollm2,qwen15: the speed model's cost

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import GatenormError
-from .harness.model import check_training_context, default_threads, training_context
+from .harness.model import check_training_context, default_threads
 from .sources import GGUFFile
 from .sources.geometry import gguf_geometry
-from .speedmodel import SPEED_SETTINGS, SpeedModel, cached_speed_model, kv_bytes, measure_speed_model, predicted
+from .speedmodel import (
+    SPEED_SETTINGS, SpeedModel, cached_speed_model, deepest_depth, kv_bytes, measure_speed_model, predicted,
+)
 
 if TYPE_CHECKING:
     from .selfprune import SelfPruneReport
@@ -67,11 +69,12 @@ class Budget:
                 raise GatenormError(f"--speedup must be above 1 (a ratio of tokens/s), not {self.speedup}")
             if self.depth < 0:
                 raise GatenormError(f"--depth must be 0 or more tokens, not {self.depth}")
-            trained, room = training_context(GGUFFile(path)), SPEED_SETTINGS.prompt
-            if trained is not None and self.depth + room > trained:
+            deepest = deepest_depth(path)
+            if deepest is not None and self.depth > deepest:
                 raise GatenormError(
-                    f"--depth {self.depth} is too deep for {path.name}'s training context of {trained} tokens: the "
-                    f"speed model times {room} tokens after the depth, so --depth can be at most {trained - room}"
+                    f"--depth {self.depth} is too deep for {path.name}'s training context of "
+                    f"{deepest + SPEED_SETTINGS.prompt} tokens: the speed model times {SPEED_SETTINGS.prompt} tokens "
+                    f"after the depth, so --depth can be at most {deepest}"
                 )
         if self.kv_budget is not None:
             if self.ctx is None or self.ctx < 1:

@@ -38,12 +38,18 @@ from .sources.geometry import gguf_geometry
 SPEED_SETTINGS = BenchSettings(prompt=256, gen=32, depths=(0, 4096), reps=3)
 
 
+def deepest_depth(path: Path) -> int | None:
+    """The deepest depth the speed model can time: the training context less the timed prompt (None when the
+    model does not say its context)."""
+    trained = training_context(GGUFFile(path))
+    return None if trained is None else trained - SPEED_SETTINGS.prompt
+
+
 def speed_settings(path: Path, depths: Collection[int]) -> BenchSettings:
-    """The speed model's settings at ``depths``, the deepest cut to what the model's training context holds
-    with the timed prompt after it (SmolLM2: 8192 - 256 = 7936)."""
-    trained = training_context(GGUFFile(path)) or max(depths) + SPEED_SETTINGS.prompt
-    deepest = trained - SPEED_SETTINGS.prompt
-    return dataclasses.replace(SPEED_SETTINGS, depths=tuple(sorted({min(d, deepest) for d in depths})))
+    """The speed model's settings at ``depths``, the deepest cut to ``deepest_depth`` (SmolLM2: 7936 for 8192)."""
+    deepest = deepest_depth(path)
+    cut = {depth if deepest is None else min(depth, deepest) for depth in depths}
+    return dataclasses.replace(SPEED_SETTINGS, depths=tuple(sorted(cut)))
 
 
 def cpu_name() -> str:

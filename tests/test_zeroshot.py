@@ -278,11 +278,15 @@ def test_before_after_rows_for_compare(smollm2: Path, tiny_data: Path, tmp_path:
     prune_gguf(smollm2, pruned, [26, 27, 28, 29])
     cache = tmp_path / "cache"
     rows = zs.zeroshot_table(smollm2, pruned, "rte,hellaswag", data_dir=tiny_data, cache_dir=cache, n_threads=1)
+    reports = {}
     assert [row.measure for row in rows] == ["rte acc", "hellaswag acc_norm", "zero-shot average"]
     for path, side in ((smollm2, "base"), (pruned, "pruned")):
         report = zs.evaluate(path, "rte,hellaswag", data_dir=tiny_data, cache_dir=cache, n_threads=1)
         assert all(task.reused == task.n for task in report.tasks)  # the table's runs were cached per model
         assert [getattr(row, side) for row in rows] == [report.tasks[0].acc, report.tasks[1].acc_norm, report.average_best[0]]
+        reports[side] = zs.ZeroShotReport.from_dict(json.loads(json.dumps(report.to_dict())))
+        assert reports[side].to_dict() == report.to_dict()
+    assert zs.before_after_rows(reports["base"], reports["pruned"]) == rows  # the table from the two --json files
     cells = zeroshot_markdown_rows(rows)
     assert cells[0][0] == "rte acc (n=2)" and len(cells) == 3 and all(len(row) == 4 for row in cells)
 

@@ -4,7 +4,8 @@ what each chosen file gives: tg speed measured against the base at D (`bench --v
 ctx 4096 on WikiText-2 test, and pass-key accuracy at 2k, 4k and 8k tokens, base vs pruned.
 
 Resumable: every plan, pruned file, benchmark, PPL and pass-key result is cached in OUT and a finished item
-is never recomputed. The speed model is the one `make bench BENCH=speedmodel` measures (same settings, same
+is never recomputed (a plan whose pruned file is gone, as when OUT's JSON was copied from docs/budget/, is
+planned again: the same seeded plan, the same file). The speed model is the one `make bench BENCH=speedmodel` measures (same settings, same
 cache). A depth the model's training context cannot hold with the timed prompt after it is cut to the
 deepest that fits (SmolLM2: 7936 for 8192), as `speedmodel.speed_settings` does.
 
@@ -48,7 +49,7 @@ def plans(model: Path, out: Path, targets: list[float], depths: tuple[int, ...],
     """Per (depth, target): the plan `prune --speedup` picks; one pruned file per distinct K."""
     speed = measure_speed_model(model, speed_settings(model, (0, *depths)), progress=sys.stderr.isatty())
     wanted = {f"d{d}-x{t}": (d, t) for d in speed_settings(model, depths).depths for t in targets}
-    found = {key: json.loads((out / f"plan-{key}.json").read_text()) for key in wanted if (out / f"plan-{key}.json").is_file()}
+    found = {key: plan for key in wanted if (plan := read(out, f"plan-{key}")) and (out / plan["file"]).is_file()}
     if len(found) < len(wanted):
         with contextlib.closing(SelfCalibratedPruner(model, n_threads=threads)) as pruner:
             for key, (depth, target) in wanted.items():

@@ -42,11 +42,12 @@ from ...sources import GGUFFile
 from ..model import LoadedModel, open_model, training_context
 from .cache import ExampleResult, ResultsFile, results_path
 from .loglikelihood import choice_loglikelihoods, encode_pair, shared_prefix, tokenize_example
-from .report import TaskResult, ZeroShotReport, ZeroShotRow, is_correct
+from .report import TaskResult, ZeroShotReport, ZeroShotRow, before_after_rows, is_correct
 from .tasks import TASKS, Example, default_data_dir, load_task, parse_tasks, task_file
 
 __all__ = [
-    "TASKS", "Example", "ResultsFile", "choice_loglikelihoods", "default_data_dir", "encode_pair", "evaluate",
+    "TASKS", "Example", "ResultsFile", "ZeroShotReport", "before_after_rows", "choice_loglikelihoods",
+    "default_data_dir", "encode_pair", "evaluate",
     "is_correct", "load_task", "parse_tasks", "shared_prefix", "tokenize_example",
     "zeroshot_table",
 ]
@@ -148,17 +149,4 @@ def zeroshot_table(
                  flash_attn=flash_attn, progress=progress)
         for path in (base, pruned)
     ]
-    rows = []
-    for before, after in zip(reports[0].tasks, reports[1].tasks):
-        metric = "acc_norm" if before.acc_norm is not None else "acc"
-        rows.append(ZeroShotRow(
-            measure=f"{before.task} {metric}",
-            n=before.n,
-            base=getattr(before, metric),
-            base_stderr=getattr(before, f"{metric}_stderr"),
-            pruned=getattr(after, metric),
-            pruned_stderr=getattr(after, f"{metric}_stderr"),
-        ))
-    (base_avg, base_se), (pruned_avg, pruned_se) = reports[0].average_best, reports[1].average_best
-    rows.append(ZeroShotRow("zero-shot average", sum(row.n for row in rows), base_avg, base_se, pruned_avg, pruned_se))
-    return rows
+    return before_after_rows(*reports)

@@ -89,6 +89,12 @@ class ZeroShotReport:
         pairs = [(t.acc_norm, t.acc_norm_stderr) if t.acc_norm is not None else (t.acc, t.acc_stderr) for t in self.tasks]
         return _average([value for value, _ in pairs], [error for _, error in pairs])
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ZeroShotReport:
+        """The report back from its ``zeroshot --json`` form (the averages are recomputed, not read)."""
+        fields = {key: data[key] for key in ("model", "model_sha256", "data_dir", "limit", "flash_attn", "n_threads")}
+        return cls(**fields, tasks=[TaskResult(**task) for task in data["tasks"]])
+
     def to_dict(self) -> dict[str, Any]:
         average, average_stderr = self.average_acc
         best, best_stderr = self.average_best
@@ -119,3 +125,23 @@ class ZeroShotRow:
     base_stderr: float | None
     pruned: float | None
     pruned_stderr: float | None
+
+
+def before_after_rows(before: ZeroShotReport, after: ZeroShotReport) -> list[ZeroShotRow]:
+    """One row per task (acc_norm where lm-eval reports it, acc elsewhere), then the average of those."""
+    if [t.task for t in before.tasks] != [t.task for t in after.tasks]:
+        raise ValueError("the two reports cover different tasks")
+    rows = []
+    for base, pruned in zip(before.tasks, after.tasks):
+        metric = "acc_norm" if base.acc_norm is not None else "acc"
+        rows.append(ZeroShotRow(
+            measure=f"{base.task} {metric}",
+            n=base.n,
+            base=getattr(base, metric),
+            base_stderr=getattr(base, f"{metric}_stderr"),
+            pruned=getattr(pruned, metric),
+            pruned_stderr=getattr(pruned, f"{metric}_stderr"),
+        ))
+    (base_avg, base_se), (pruned_avg, pruned_se) = before.average_best, after.average_best
+    rows.append(ZeroShotRow("zero-shot average", sum(row.n for row in rows), base_avg, base_se, pruned_avg, pruned_se))
+    return rows

@@ -102,6 +102,16 @@ def ppl_cell(out: Path, ctx: int, name: str) -> str:
     return f"{item['ppl']:.2f} ± {item['ppl_stderr']:.2f} ({item['ppl'] / base['ppl']:.2f}×)"
 
 
+def speed_cell(out: Path, name: str, depth: int) -> str:
+    """The median of the per-round tg ratios and their range (a noisy run shows as a wide range)."""
+    speed = read(out, f"speed-{name}")
+    if speed is None:
+        return "—"
+    base, pruned = (speed["tg_tps"][label][str(depth)]["samples"] for label in speed["models"])
+    rounds = [after / before for after, before in zip(pruned, base)]
+    return f"{speed['ratios']['tg'][str(depth)]:.3f}× ({min(rounds):.2f}–{max(rounds):.2f})"
+
+
 def passkey_cell(out: Path, name: str) -> str:
     found = [read(out, f"passkey{ctx}-{name}") for ctx in PASSKEY_CTX]
     return " / ".join("—" if r is None else f"{round(100 * r['accuracy'])}%" for r in found)
@@ -109,7 +119,7 @@ def passkey_cell(out: Path, name: str) -> str:
 
 def table(studies: list[tuple[str, Path]]) -> str:
     """The README table: one row per model, depth and target, plus one base row per model."""
-    head = ("| model | depth | --speedup | K (patched) | tg predicted | tg measured (FA on) | PPL ctx 512 | "
+    head = ("| model | depth | --speedup | K (patched) | tg predicted | tg measured (FA on): median (range) | PPL ctx 512 | "
             "PPL ctx 4096 | passkey 2k / 4k / 8k |")
     lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|---|"]
     for label, out in studies:
@@ -118,11 +128,9 @@ def table(studies: list[tuple[str, Path]]) -> str:
         for plan_path in sorted(out.glob("plan-*.json"), key=lambda p: (json.loads(p.read_text())["depth"], p.name)):
             plan = json.loads(plan_path.read_text())
             name, depth = Path(plan["file"]).stem, plan["depth"]
-            speed = read(out, f"speed-{name}")
-            measured = "—" if speed is None else f"{speed['ratios']['tg'][str(depth)]:.3f}×"
             lines.append(
                 f"| {label} | {depth} | {plan['target']} | {plan['k']} ({len(plan['patched'])}) | "
-                f"{plan['predicted']['tg_speedup']:.3f}× | {measured} | {ppl_cell(out, 512, name)} | "
+                f"{plan['predicted']['tg_speedup']:.3f}× | {speed_cell(out, name, depth)} | {ppl_cell(out, 512, name)} | "
                 f"{ppl_cell(out, 4096, name)} | {passkey_cell(out, name)} |"
             )
     return "\n".join(lines) + "\n"

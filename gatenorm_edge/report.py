@@ -316,6 +316,12 @@ def zeroshot_markdown_rows(rows: Sequence[ZeroShotRow]) -> list[list[str]]:
     ]
 
 
+def zeroshot_comparison_markdown(rows: Sequence[ZeroShotRow], limit: int | None = None) -> str:
+    """The before-vs-after zero-shot table (``compare --zeroshot``, ``tools/zeroshot_table.py``)."""
+    title = "zero-shot (lm-eval prompts)" + (f", --limit {limit}" if limit is not None else "")
+    return markdown_table([title, "base", "pruned", "pruned / base"], zeroshot_markdown_rows(rows))
+
+
 def zeroshot_markdown(report: ZeroShotReport) -> str:
     """A Markdown table: task, n, acc ± stderr, acc_norm ± stderr, CPU minutes; then the averages."""
     lines = ["| task | n | acc | acc_norm | CPU min |", "|---|---:|---:|---:|---:|"]

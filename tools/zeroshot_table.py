@@ -10,15 +10,14 @@ import sys
 from pathlib import Path
 
 from gatenorm_edge.harness.zeroshot import ZeroShotReport, before_after_rows
-from gatenorm_edge.report import markdown_table, zeroshot_markdown_rows
+from gatenorm_edge.report import zeroshot_comparison_markdown
 
 
 def main() -> None:
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     base, pruned = (ZeroShotReport.from_dict(json.loads(Path(path).read_text())) for path in sys.argv[1:])
-    header = [f"zero-shot (lm-eval prompts), --limit {base.limit}", "base", "pruned", "pruned / base"]
-    print(markdown_table(header, zeroshot_markdown_rows(before_after_rows(base, pruned))))
+    print(zeroshot_comparison_markdown(before_after_rows(base, pruned), base.limit))
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def compare(
     from ..speedmodel import attach_prediction
     from ..harness.speed import BenchSettings
     from ..harness.zeroshot import default_data_dir, load_task, parse_tasks, zeroshot_table
-    from ..report import compare_markdown, markdown_table, write_json, write_markdown, zeroshot_markdown_rows
+    from ..report import compare_markdown, write_json, write_markdown, zeroshot_comparison_markdown
 
     check_output_folders(md_path, json_path)
     if zeroshot is not None:  # check tasks, data and --limit before the long runs
@@ -155,8 +155,7 @@ def compare(
         result.zeroshot = zeroshot_table(
             base, pruned, zeroshot, limit, data_dir=data_dir, n_threads=threads, flash_attn=flash_attn, progress=True
         )
-        header = ["zero-shot (lm-eval prompts)", "base", "pruned", "pruned / base"]
-        table += "\n\n" + markdown_table(header, zeroshot_markdown_rows(result.zeroshot))
+        table += "\n\n" + zeroshot_comparison_markdown(result.zeroshot)
     typer.echo(table)
     if md_path is not None:
         write_markdown(md_path, table)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -92,8 +92,8 @@ class ZeroShotReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ZeroShotReport:
         """The report back from its ``zeroshot --json`` form (the averages are recomputed, not read)."""
-        fields = {key: data[key] for key in ("model", "model_sha256", "data_dir", "limit", "flash_attn", "n_threads")}
-        return cls(**fields, tasks=[TaskResult(**task) for task in data["tasks"]])
+        scalars = {f.name: data[f.name] for f in fields(cls) if f.name != "tasks"}
+        return cls(**scalars, tasks=[TaskResult(**task) for task in data["tasks"]])
 
     def to_dict(self) -> dict[str, Any]:
         average, average_stderr = self.average_acc

@@ -8,6 +8,8 @@ is never recomputed (a plan whose pruned file is gone, as when OUT's JSON was co
 planned again: the same seeded plan, the same file). The speed model is the one `make bench BENCH=speedmodel` measures (same settings, same
 cache). A depth the model's training context cannot hold with the timed prompt after it is cut to the
 deepest that fits (SmolLM2: 7936 for 8192), as `speedmodel.speed_settings` does.
+Quality is measured one measure at a time over every file (base first, then by K), cheapest first:
+PPL 512, pass-key 2k, PPL 4096, pass-key 4k, 8k; so a run stopped part-way has whole columns.
 
 Usage: python tools/budget_study.py MODEL OUT [--targets 1.1,1.2,1.3] [--depths 4096,8192] [--long-chunks 5]
                                     [--trials 10] [--stages plan,speed,quality]
@@ -72,7 +74,8 @@ def study(args: argparse.Namespace) -> None:
     depths = tuple(int(d) for d in args.depths.split(","))
     stages = args.stages.split(",")
     found = plans(model, out, [float(t) for t in args.targets.split(",")], depths, args.threads)
-    files = {"base": model} | {Path(p["file"]).stem: out / p["file"] for p in found.values()}
+    by_k = sorted(found.values(), key=lambda plan: plan["k"])  # the least pruned first: a partial run has the useful rows
+    files = {"base": model} | {Path(p["file"]).stem: out / p["file"] for p in by_k}
     if "speed" in stages:
         settings = dataclasses.replace(speed_settings(model, depths), threads=args.threads, reps=5)
         for name, path in files.items():
@@ -80,14 +83,18 @@ def study(args: argparse.Namespace) -> None:
                 cached(out / f"speed-{name}.json", lambda: bench([model, path], settings).to_dict())
                 print(f"{name}: speed done", flush=True)
     if "quality" in stages:
-        for name, path in files.items():
-            for ctx, chunks in ((512, 20), (4096, args.long_chunks)):
-                cached(out / f"ppl{ctx}-{name}.json",
-                       lambda: perplexity(path, WIKI, ctx=ctx, chunks=chunks, n_threads=args.threads).to_dict())
-            for ctx in PASSKEY_CTX:
-                cached(out / f"passkey{ctx}-{name}.json",
-                       lambda: passkey(path, ctx, args.trials, n_threads=args.threads).to_dict())
-            print(f"{name}: quality done", flush=True)
+        # One measure across every file before the next, cheapest first: a partial run fills whole columns.
+        measures: list[tuple[str, Callable[[Path], Any]]] = [
+            ("ppl512", lambda path: perplexity(path, WIKI, ctx=512, chunks=20, n_threads=args.threads)),
+            ("passkey2048", lambda path: passkey(path, 2048, args.trials, n_threads=args.threads)),
+            ("ppl4096", lambda path: perplexity(path, WIKI, ctx=4096, chunks=args.long_chunks, n_threads=args.threads)),
+            *((f"passkey{ctx}", lambda path, ctx=ctx: passkey(path, ctx, args.trials, n_threads=args.threads))
+              for ctx in PASSKEY_CTX[1:]),
+        ]
+        for measure, run in measures:
+            for name, path in files.items():
+                cached(out / f"{measure}-{name}.json", lambda: run(path).to_dict())
+            print(f"{measure}: done", flush=True)
 
 
 def read(out: Path, name: str) -> dict[str, Any] | None:

@@ -63,7 +63,9 @@ def test_stream_edits_equal_the_rewritten_file(stories260k: Path, tmp_path: Path
     edited, written = probe_logits(stories260k, sequence, edits), file_logits(out, sequence)
     base = file_logits(stories260k, sequence)
     assert np.abs(edited - base).max() > 0.1  # the edit changes the model
-    np.testing.assert_allclose(edited, written, atol=2e-4, rtol=0)
+    # ggml's and NumPy's float32 sums run in a different order, and ggml's order follows the host's SIMD
+    # (2.6e-4 apart on an AVX2 host); a wrong edit is off by more than 0.1, as the line above checks.
+    np.testing.assert_allclose(edited, written, atol=1e-3, rtol=0)
 
 
 def test_capture_sees_the_attention_output(stories260k: Path) -> None:

@@ -166,7 +166,9 @@ def bench_markdown(result: BenchResult) -> str:
             row.append(ratio(values[models[1]], values[models[0]]))
         rows.append(row)
     notes = (
-        f"\n\n{result.reps} reps, {result.threads} threads; t/s as median (min–max)"
+        f"\n\n{result.reps} reps"
+        + (f" in each of {result.processes} fresh sets of processes" if result.processes > 1 else "")
+        + f", {result.threads} threads; t/s as median (min–max)"
         + ("; ratios are medians of pair-by-pair ratios, runs interleaved A B A B" if len(models) > 1 else "")
         + "."
     )

@@ -135,5 +135,5 @@ def test_bench_ratio_is_the_median_of_round_by_round_ratios() -> None:
         return Spread.of(list(values))
 
     rates = {"a": {"0": spread(10.0, 20.0, 30.0)}, "b": {"0": spread(11.0, 26.0, 30.0)}}
-    result = BenchResult(["a", "b"], [0], 1, 1, 3, 1, True, rates, rates, {}, {}, {}, {}, {}, 0.0)
+    result = BenchResult(["a", "b"], [0], 1, 1, 3, 1, 1, True, rates, rates, {}, {}, {}, {}, {}, 0.0)
     assert result.ratio("tg", 0, "b") == pytest.approx(1.1)  # rounds: 1.1, 1.3, 1.0

@@ -15,7 +15,7 @@ import pytest
 from gatenorm_edge.harness.kld import kl_divergence
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.perplexity import perplexity
-from gatenorm_edge.harness.speed import BenchSettings, bench, peak_rss_bytes
+from gatenorm_edge.harness.speed import BenchSettings, _Runner, bench, peak_rss_bytes
 from gatenorm_edge.harness.selfcal import sampled_text
 from gatenorm_edge.rewrite import prune_gguf
 
@@ -160,6 +160,36 @@ def test_bench_contract_on_stories260k(stories260k: Path, stories_pruned: Path) 
     for model in (base, pruned):
         assert 20 * 2**20 < result["rss_bytes"][model] < 2**31  # a Python process with llama.cpp loaded
         assert 0 < result["load_seconds"][model] < 60
+
+
+def test_bench_processes_pool_every_sets_rounds(stories260k: Path, stories_pruned: Path) -> None:
+    settings = BenchSettings(prompt=32, gen=8, depths=(0, 64), reps=2, processes=3, threads=1)
+    result = bench([stories260k, stories_pruned], settings)
+    assert result.processes == 3
+    for kind in ("pp", "tg"):
+        for model in result.models:
+            assert all(len(result.tps(kind)[model][depth].samples) == 6 for depth in ("0", "64"))
+    assert result.kv_bytes[str(stories_pruned)] == 3 * 256 * 32 * 2 * 2
+
+
+def test_a_snapshot_from_an_earlier_worker_restores_the_same_cache(stories260k: Path, tmp_path: Path) -> None:
+    """A later set of bench workers restores the first set's filled cache from disk instead of filling its own.
+
+    The later runners draw other random tokens (seed 99): only the restored snapshot gives the first
+    runner's next-token logits, and filling without it gives different ones."""
+
+    def next_logits(seed: int, state_dir: Path | None) -> np.ndarray:
+        model = open_model(stories260k, n_ctx=128, n_threads=1)
+        try:
+            _Runner(model, BenchSettings(prompt=8, gen=2, depths=(64,), threads=1, seed=seed), state_dir).fill(64)
+            return model.logits([5], start=64)
+        finally:
+            model.close()
+
+    first = next_logits(1234, tmp_path)
+    assert (tmp_path / "depth64.state").is_file()
+    np.testing.assert_array_equal(next_logits(99, tmp_path), first)
+    assert np.abs(next_logits(99, None) - first).max() > 1e-3
 
 
 @pytest.mark.slow

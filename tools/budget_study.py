@@ -84,13 +84,14 @@ def study(args: argparse.Namespace) -> None:
                 print(f"{name}: speed done", flush=True)
     if "quality" in stages:
         # One measure across every file before the next, cheapest first: a partial run fills whole columns.
-        measures: list[tuple[str, Callable[[Path], Any]]] = [
-            ("ppl512", lambda path: perplexity(path, WIKI, ctx=512, chunks=20, n_threads=args.threads)),
-            ("passkey2048", lambda path: passkey(path, 2048, args.trials, n_threads=args.threads)),
-            ("ppl4096", lambda path: perplexity(path, WIKI, ctx=4096, chunks=args.long_chunks, n_threads=args.threads)),
-            *((f"passkey{ctx}", lambda path, ctx=ctx: passkey(path, ctx, args.trials, n_threads=args.threads))
-              for ctx in PASSKEY_CTX[1:]),
-        ]
+        def ppl(ctx: int, chunks: int) -> tuple[str, Callable[[Path], Any]]:
+            return f"ppl{ctx}", lambda path: perplexity(path, WIKI, ctx=ctx, chunks=chunks, n_threads=args.threads)
+
+        def pass_key(ctx: int) -> tuple[str, Callable[[Path], Any]]:
+            return f"passkey{ctx}", lambda path: passkey(path, ctx, args.trials, n_threads=args.threads)
+
+        short, middle, long = PASSKEY_CTX
+        measures = [ppl(512, 20), pass_key(short), ppl(4096, args.long_chunks), pass_key(middle), pass_key(long)]
         for measure, run in measures:
             for name, path in files.items():
                 cached(out / f"{measure}-{name}.json", lambda: run(path).to_dict())

@@ -51,7 +51,10 @@ def bench(
     prompt: int = typer.Option(512, "--prompt", help="Prompt tokens per pp run (llama-bench -p)."),
     gen: int = typer.Option(128, "--gen", help="Generated tokens per tg run (llama-bench -n)."),
     depth: str = typer.Option("0,4096", "--depth", help="Tokens already in the context, comma-separated (llama-bench -d)."),
-    reps: int = typer.Option(5, "--reps", help="Repetitions per test (llama-bench -r)."),
+    reps: int = typer.Option(5, "--reps", help="Repetitions per test (llama-bench -r), in each set of processes."),
+    processes: int = typer.Option(
+        1, "--processes", help="Fresh sets of worker processes, one after another; medians pool all their rounds."
+    ),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores available)."),
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help=FLASH_HELP),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON."),
@@ -61,11 +64,16 @@ def bench(
     Each model runs in its own fresh process (so RSS is per model). With --vs both models are
     interleaved A B A B and the ratios are medians of pair-by-pair ratios (vs over model).
 
+    pp at depth can differ by several percent from one process to the next on the same machine;
+    --processes 5 pools five fresh sets (the cache is filled once and restored in the later sets).
+
     Examples:
 
       gatenorm-edge bench SmolLM2-135M-Instruct.Q4_1.gguf --depth 0
 
       gatenorm-edge bench base.gguf --vs pruned.gguf --depth 0,4096 --reps 5 --json speed.json
+
+      gatenorm-edge bench base.gguf --vs pruned.gguf --depth 4096 --reps 2 --processes 5
     """
     from ..harness.speed import BenchSettings, bench as bench_models
     from ..report import bench_markdown, write_json
@@ -73,7 +81,8 @@ def bench(
 
     check_output_folders(json_path)
     settings = BenchSettings(
-        prompt=prompt, gen=gen, depths=tuple(comma_ints("--depth", depth, "0,4096")), reps=reps, threads=threads, flash_attn=flash_attn
+        prompt=prompt, gen=gen, depths=tuple(comma_ints("--depth", depth, "0,4096")), reps=reps, processes=processes,
+        threads=threads, flash_attn=flash_attn,
     )
     models = [model] if vs is None else [model, vs]
     result = bench_models(models, settings, progress=True)

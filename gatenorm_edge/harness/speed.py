@@ -5,18 +5,24 @@ tg: ``gen`` single-token decodes, timed. Depth D (``llama-bench -d``): before ea
 already holds D random tokens; the filled cache is built once per depth and restored from a snapshot
 (as llama-bench does), untimed. Each model lives in its own fresh worker process, so load time and peak
 RSS are per model; with several models the runs are interleaved A B A B ..., and the ratios are the
-median of pair-by-pair ratios (model k over model 1). KV-cache bytes are the size llama.cpp reports
+median of pair-by-pair ratios (model k over model 1). With ``processes`` > 1 that is done again in fresh
+processes, one set after another, and the medians are over every round of every set: pp at depth can
+settle at a speed that differs by several percent from one process to the next (docs/budget.md), which
+more rounds in one process cannot average out. Later sets restore the filled cache from the first set's
+snapshot, so only the first pays for filling it. KV-cache bytes are the size llama.cpp reports
 when it creates the context (``n_ctx`` cells = deepest depth + max(prompt, gen), rounded up to 256).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import multiprocessing
 import resource
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -44,13 +50,14 @@ class BenchSettings:
     gen: int = 128
     depths: tuple[int, ...] = (0, 4096)
     reps: int = 5
+    processes: int = 1  # fresh worker sets, one after another, each running ``reps`` rounds
     threads: int | None = None
     flash_attn: bool = True
     seed: int = 1234  # the random tokens: the same sequence for every model
 
     def __post_init__(self) -> None:
-        if self.prompt < 1 or self.gen < 1 or self.reps < 1:
-            raise GatenormError("--prompt, --gen and --reps must each be at least 1")
+        if min(self.prompt, self.gen, self.reps, self.processes) < 1:
+            raise GatenormError("--prompt, --gen, --reps and --processes must each be at least 1")
         if not self.depths or min(self.depths) < 0:
             raise GatenormError("--depth needs one or more depths >= 0, e.g. 0,4096")
 
@@ -61,10 +68,15 @@ class BenchSettings:
 
 @dataclass
 class _Runner:
-    """Inside a worker: fills the cache to a depth, then times pp or tg runs."""
+    """Inside a worker: fills the cache to a depth, then times pp or tg runs.
+
+    A filled cache is snapshotted per depth; with ``state_dir`` the snapshot is also written there, and a
+    snapshot found there (an earlier worker's, same model and settings) is restored instead of filling.
+    """
 
     model: LoadedModel
     settings: BenchSettings
+    state_dir: Path | None = None
     rng: np.random.Generator = field(init=False)
     snapshots: dict[int, ctypes.Array] = field(default_factory=dict)
 
@@ -91,11 +103,17 @@ class _Runner:
         self.model.clear()
         if depth == 0:
             return
+        saved = None if self.state_dir is None else self.state_dir / f"depth{depth}.state"
+        if depth not in self.snapshots and saved is not None and saved.is_file():
+            data = saved.read_bytes()
+            self.snapshots[depth] = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         if depth in self.snapshots:
             self.model.restore_state(self.snapshots[depth], depth)
         else:
             self.prompt(depth, 0)
             self.snapshots[depth] = self.model.save_state()
+            if saved is not None:
+                saved.write_bytes(bytes(self.snapshots[depth]))
 
     def warm_up(self) -> None:
         self.fill(0)
@@ -127,7 +145,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def _serve(conn: Connection, path: str, settings: BenchSettings) -> None:
+def _serve(conn: Connection, path: str, settings: BenchSettings, state_dir: str | None) -> None:
     """Worker process: load one model, answer ("warmup"|"pp"|"tg", depth) requests, report peak RSS at the end."""
     try:
         try:
@@ -137,7 +155,7 @@ def _serve(conn: Connection, path: str, settings: BenchSettings) -> None:
         except GatenormError as exc:
             conn.send(("error", str(exc)))
             return
-        runner = _Runner(model, settings)
+        runner = _Runner(model, settings, None if state_dir is None else Path(state_dir))
         cells = int(llama_cpp.llama_n_ctx(model.ctx))
         conn.send(("ready", {"load_seconds": model.load_seconds, "kv_bytes": model.kv_bytes, "kv_cells": cells}))
         while (request := conn.recv()) is not None:
@@ -155,11 +173,12 @@ def _serve(conn: Connection, path: str, settings: BenchSettings) -> None:
 class _Worker:
     """The parent's handle on one worker process."""
 
-    def __init__(self, path: Path, settings: BenchSettings) -> None:
+    def __init__(self, path: Path, settings: BenchSettings, state_dir: Path | None = None) -> None:
         self.path = path
         context = multiprocessing.get_context("spawn")
         self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child_conn, str(path), settings), daemon=True)
+        state = None if state_dir is None else str(state_dir)
+        self.process = context.Process(target=_serve, args=(child_conn, str(path), settings, state), daemon=True)
         self.process.start()
         child_conn.close()
         self.info: dict[str, Any] = self._receive()
@@ -228,6 +247,7 @@ class BenchResult:
     prompt: int
     gen: int
     reps: int
+    processes: int
     threads: int
     flash_attn: bool
     pp_tps: dict[str, dict[str, Spread]]
@@ -255,7 +275,7 @@ class BenchResult:
 
 
 def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(), progress: bool = False) -> BenchResult:
-    """Benchmark one or more models interleaved."""
+    """Benchmark one or more models interleaved, in ``settings.processes`` fresh sets of worker processes."""
     paths = [Path(m) for m in models]
     for path in paths:
         if not path.is_file():
@@ -267,37 +287,42 @@ def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(
     tps: dict[str, dict[str, dict[int, list[float]]]] = {
         kind: {label: {d: [] for d in settings.depths} for label in labels} for kind in KINDS
     }
+    rss = dict.fromkeys(labels, 0)
     started = time.perf_counter()
-    workers: list[_Worker] = []
-    try:
-        for path in paths:
-            workers.append(_Worker(path, settings))
-        steps = len(settings.depths) * settings.reps * len(KINDS) * len(workers)
-        with progress_bar("bench " + " vs ".join(p.name for p in paths), steps, progress) as tick:
-            for worker in workers:
-                worker.ask("warmup", 0)
-            for depth in settings.depths:
-                for _ in range(settings.reps):
-                    for kind in KINDS:
-                        for label, worker in zip(labels, workers):
-                            rate = counts[kind] / worker.ask(kind, depth)
-                            tps[kind][label][depth].append(rate)
-                            tick(status=f"{kind} d{depth} {rate:.1f} t/s")
-        rss = {label: worker.finish() for label, worker in zip(labels, workers)}
-    finally:
-        for worker in workers:
-            worker.kill()
+    steps = settings.processes * len(settings.depths) * settings.reps * len(KINDS) * len(paths)
+    with contextlib.ExitStack() as stack:
+        tick = stack.enter_context(progress_bar("bench " + " vs ".join(p.name for p in paths), steps, progress))
+        state_root = Path(stack.enter_context(tempfile.TemporaryDirectory())) if settings.processes > 1 else None
+        for _set in range(settings.processes):
+            workers = _start_workers(paths, settings, state_root)
+            try:
+                for worker in workers:
+                    worker.ask("warmup", 0)
+                for depth in settings.depths:
+                    for _ in range(settings.reps):
+                        for kind in KINDS:
+                            for label, worker in zip(labels, workers):
+                                rate = counts[kind] / worker.ask(kind, depth)
+                                tps[kind][label][depth].append(rate)
+                                tick(status=f"{kind} d{depth} {rate:.1f} t/s")
+                for label, worker in zip(labels, workers):
+                    rss[label] = max(rss[label], worker.finish())
+            finally:
+                for worker in workers:
+                    worker.kill()
     result = BenchResult(
         models=labels,
         depths=list(settings.depths),
         prompt=settings.prompt,
         gen=settings.gen,
         reps=settings.reps,
+        processes=settings.processes,
         threads=threads,
         flash_attn=settings.flash_attn,
         pp_tps={label: {str(d): Spread.of(v) for d, v in tps["pp"][label].items()} for label in labels},
         tg_tps={label: {str(d): Spread.of(v) for d, v in tps["tg"][label].items()} for label in labels},
         ratios={kind: {} for kind in KINDS},
+        # KV bytes and cells are the same in every set; the load time is the last set's (the page cache warm)
         kv_bytes={label: w.info["kv_bytes"] for label, w in zip(labels, workers)},
         kv_cells={label: w.info["kv_cells"] for label, w in zip(labels, workers)},
         load_seconds={label: w.info["load_seconds"] for label, w in zip(labels, workers)},
@@ -307,3 +332,19 @@ def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(
     if len(labels) > 1:
         result.ratios = {kind: {str(d): result.ratio(kind, d, labels[1]) for d in settings.depths} for kind in KINDS}
     return result
+
+
+def _start_workers(paths: list[Path], settings: BenchSettings, state_root: Path | None) -> list[_Worker]:
+    """One fresh worker per model; with ``state_root``, model i keeps its cache snapshots in ``state_root/i``."""
+    workers: list[_Worker] = []
+    try:
+        for index, path in enumerate(paths):
+            state_dir = None if state_root is None else state_root / str(index)
+            if state_dir is not None:
+                state_dir.mkdir(exist_ok=True)
+            workers.append(_Worker(path, settings, state_dir))
+    except BaseException:
+        for worker in workers:
+            worker.kill()
+        raise
+    return workers

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,29 @@ def test_bad_targets_are_one_line_and_write_nothing(stories260k: Path, tmp_path:
     out = tmp_path / "out.gguf"
     assert_one_line_error(run_cli_here("prune", stories260k, out, *args), message)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--speedup", "50", "--depth", "64"], "--speedup 50.0 is out of reach: removing 3 layers is predicted to give"),
+        (["--max-kld", "1e-12"], "--max-kld 1e-12 is out of reach: removing one layer already gives a held-out KLD of"),
+    ],
+)
+def test_an_unreachable_target_states_the_best_reachable_and_writes_nothing(
+    stories260k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.setenv("GATENORM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out.gguf"
+    done = run_cli_here("prune", stories260k, out, *args)
+    # Found only after measuring (the speed model, the calibration): their progress lines come first.
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and done.stderr.rstrip().endswith(errors[0]), done.stderr
+    line = errors[0]
+    assert message in line, line
+    assert re.search(r"\d\.\d{3}x|of \d", line), line  # the best reachable value, as a number
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "cache"]
 
 
 def test_bench_vs_shows_the_prediction_beside_the_measurement(stories260k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

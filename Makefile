@@ -13,8 +13,11 @@ endif
 $(VENV)/bin/python:
 	$(BOOTSTRAP) -m venv $(VENV)
 
+# After installing, one Q8_0 batch is decoded in a subprocess: where the CPU lists AMX but faults on it, llama.cpp
+# is rebuilt with AMX off and the flags are recorded (gatenorm_edge/native.py).
 install: $(ENVIRONMENT)
 	$(PYTHON) -m pip install -e '.[dev]'
+	$(PYTHON) -m gatenorm_edge.native
 
 test: install
 	$(PYTHON) -m pytest -q -rs
@@ -24,4 +27,5 @@ bench: install
 
 demo: $(ENVIRONMENT)
 	$(PYTHON) -m pip install -q -e '.[demo]'
+	$(PYTHON) -m gatenorm_edge.native
 	$(PYTHON) -m gatenorm_edge demo

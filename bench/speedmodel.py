@@ -33,7 +33,7 @@ from gatenorm_edge.harness.speed import BenchSettings, bench
 from gatenorm_edge.rewrite import prune_gguf
 from gatenorm_edge.scoring import score_model
 from gatenorm_edge.sources.geometry import gguf_geometry
-from gatenorm_edge.speedmodel import SPEED_SETTINGS, cpu_name, measure_speed_model, speed_settings
+from gatenorm_edge.speedmodel import SPEED_SETTINGS, Change, cpu_name, measure_speed_model, speed_settings
 
 
 def _ints(name: str, default: str) -> tuple[int, ...]:
@@ -90,10 +90,10 @@ def run() -> dict:
         for k in counts:
             for mode in ("drop", "patch"):
                 ratios = pair_ratios(base, order[:k], mode, check, PAIRS / f"{name}-k{k}-{mode}.json", progress)
-                dropped, patched = (k, 0) if mode == "drop" else (0, k)
+                change = Change(dropped=tuple(order[:k])) if mode == "drop" else Change(patched=tuple(order[:k]))
                 for kind in ("pp", "tg"):
                     for depth in settings.depths:
-                        want, got = speed.speedup(kind, depth, dropped, patched), ratios[kind][str(depth)]
+                        want, got = speed.speedup(kind, depth, change), ratios[kind][str(depth)]
                         rows.append({"model": name, "k": k, "mode": mode, "kind": kind, "depth": depth,
                                      "predicted": round(want, 4), "measured": round(got, 4),
                                      "error_pct": round(100 * (want / got - 1), 2)})

@@ -19,7 +19,8 @@ from .harness.model import open_model
 from .harness.perplexity import count_chunks
 from .harness.selfcal import sampled_text
 from .harness.speed import BenchSettings
-from .report import compare_markdown, fa_label, save_score_plot, write_json, write_markdown
+from .plots import save_score_plot
+from .report import compare_markdown, fa_label, write_json, write_markdown
 from .scoring import score_model
 from .selfprune import self_prune
 

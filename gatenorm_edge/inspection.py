@@ -22,12 +22,15 @@ class AttentionCost:
 
     ``flops``: 2 per weight of the Q/K/V/O (or linear) matrices; ``flops_per_context_token``: the
     softmax attention's QK and AV products, 4 x heads x head size per cached token; ``weight_bytes``:
-    attention tensor bytes read per token; ``kv_bytes``: K and V cache bytes added per token (F16).
+    attention tensor bytes read per token; ``kv_bytes``: K and V cache bytes added per token (F16). A
+    windowed layer (granite_swa) adds to neither per-context figure: its cost and cache stop growing at
+    its window.
     """
 
     attention: list[int]
     linear: list[int]
     free: list[int]
+    windowed: list[int]
     flops: int
     flops_per_context_token: int
     weight_bytes: int
@@ -37,7 +40,7 @@ class AttentionCost:
         """The JSON layout of ``inspect`` and ``compare``: the layers by kind, then the per-token figures."""
         fields = asdict(self)
         return {
-            "layers": {kind: fields.pop(kind) for kind in ("attention", "linear", "free")},
+            "layers": {kind: fields.pop(kind) for kind in ("attention", "linear", "free", "windowed")},
             "per_token": fields,
         }
 
@@ -52,6 +55,8 @@ class Inspection:
     n_layers: int
     attention_free_layers: list[int]
     attention_layers: int
+    windowed_layers: list[int]
+    window: int | None
     size_bytes: int
     n_tensors: int
     tensor_types: dict[str, dict[str, int]]
@@ -80,10 +85,11 @@ def _attention_cost(model: GGUFLayout, geometry: ModelGeometry | None) -> Attent
     if geometry is None:
         return None
     heads, kv_heads = geometry.head_count, geometry.head_count_kv
-    kinds: dict[str, list[int]] = {"attention": [], "linear": [], "free": []}
+    kinds: dict[str, list[int]] = {"attention": [], "linear": [], "free": [], "windowed": []}
     cost = {"flops": 0, "flops_per_context_token": 0, "weight_bytes": 0, "kv_bytes": 0}
     for layer in range(geometry.n_layers):
         kind = "free" if heads[layer] == 0 else "linear" if kv_heads[layer] == 0 else "attention"
+        kind = "windowed" if layer in geometry.windowed else kind
         kinds[kind].append(layer)
         for suffix in ATTENTION_TENSORS:
             info = model.tensors.get(f"blk.{layer}.{suffix}")
@@ -134,6 +140,8 @@ def inspect_gguf(path: Path | str) -> Inspection:
             n_layers=n_layers,
             attention_free_layers=free,
             attention_layers=n_layers - len(free),
+            windowed_layers=list(geometry.windowed) if geometry is not None else [],
+            window=geometry.window if geometry is not None and geometry.windowed else None,
             size_bytes=model.size,
             n_tensors=sum(types.values()),
             tensor_types={name: {"count": types[name], "bytes": type_bytes[name]} for name in sorted(types)},

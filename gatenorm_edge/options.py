@@ -12,10 +12,16 @@ CRITERIA = WEIGHT_CRITERIA + BASELINES + DATA_DRIVEN
 SELF = "self"  # `prune --count K`'s default choice: the self-calibrated pipeline (selfprune)
 
 AUTO = "auto"  # the data-free default: self-calibrated, validated linear patches (selfprune)
-MODES = (AUTO, "drop", "linear", "fold-vo")
-DEFAULT_CALIB_TOKENS = 2048
+MODES = (AUTO, "drop", "linear", "fold-vo", "window")
+DEFAULT_WINDOW = 512
+DEFAULT_CALIB_TOKENS = 2048  # linear: tokens cut from --calib
+CALIB_SOURCES = ("mix", "bos", "starts", "chat")  # what self-sampled calibration text is sampled from
+DEFAULT_SELF_TOKENS = 4096  # auto, window: tokens the model samples for its own calibration
 DEFAULT_CALIB_CTX = 512
 DEFAULT_RIDGE = 1e-2
+
+CACHE_TYPES = ("f16", "q8_0", "q4_0")  # llama.cpp's KV-cache types offered (-ctk/-ctv); f16 is its default
+DEFAULT_CACHE_TYPE = "f16"
 
 TASK_NAMES = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
 
@@ -37,3 +43,11 @@ def comma_ints(option: str, text: str, example: str) -> list[int]:
         return [int(item) for item in text.split(",")]
     except ValueError:
         raise GatenormError(f"{option} takes comma-separated whole numbers such as {example}, not {text!r}") from None
+
+
+def comma_floats(option: str, text: str, example: str) -> list[float]:
+    """'1.1,1.2' -> [1.1, 1.2]; anything else is one GatenormError naming ``option`` with an ``example``."""
+    try:
+        return [float(item) for item in text.split(",")]
+    except ValueError:
+        raise GatenormError(f"{option} takes comma-separated numbers such as {example}, not {text!r}") from None

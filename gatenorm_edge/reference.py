@@ -10,6 +10,8 @@ Conventions follow the GGUF file: weight matrices are (out_features, in_features
 ``deci`` files store Q/K rows for normal RoPE (rotating adjacent pairs), ``qwen2`` for NEOX RoPE
 (rotating dimension i with i + d/2). A ``deci`` layer with ``head_count > 0`` and ``head_count_kv == 0``
 is "linear attention": its attention sublayer is ``attn_output.weight @ rms_norm(x)``, a per-token map.
+A ``granite_swa`` file's windowed layers let a query at position p see keys p - W + 1 .. p only, and a
+layer's per-head sink logit (``attn_sinks``) joins each softmax denominator with no value of its own.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ class ModelArgs:
     norm_eps: float
     rope_base: float
     rope_style: str
+    window: int | None = None
+    windowed: frozenset[int] = frozenset()
 
     @classmethod
     def from_gguf(cls, model: GGUFFile) -> ModelArgs:
         arch = known_architecture(model.architecture, str(model.path))
-        if arch.prune_refusal is not None:  # the forward pass is the plain llama block, with either RoPE
-            raise GatenormError(f"the reference forward pass covers llama, deci and qwen2, not '{arch.name}'")
+        if not arch.llama_block:  # the forward pass is the plain llama block, with either RoPE
+            raise GatenormError(f"the reference forward pass covers llama, deci, qwen2 and granite_swa, not '{arch.name}'")
         g = ModelGeometry.from_gguf(model)
         if g.rope_scaling not in ("none", "linear") or g.rope_scaling_factor != 1.0:
             raise GatenormError(
@@ -59,6 +63,8 @@ class ModelArgs:
             norm_eps=g.norm_eps,
             rope_base=g.rope_base,
             rope_style=arch.rope_style,
+            window=g.window,
+            windowed=frozenset(g.windowed),
         )
 
 
@@ -79,9 +85,14 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def softmax(x: np.ndarray, sink: float | None = None) -> np.ndarray:
+    """Softmax over the last axis; a ``sink`` logit joins every row's denominator, with no value of its own."""
+    if sink is None:
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    top = np.maximum(x.max(axis=-1, keepdims=True), sink)
+    e = np.exp(x - top)
+    return e / (e.sum(axis=-1, keepdims=True) + np.exp(sink - top))
 
 
 def rope_angles(positions: Sequence[int], head_dim: int, base: float, freq_factors: np.ndarray | None = None) -> np.ndarray:
@@ -143,13 +154,18 @@ class ReferenceModel:
         q = rope(self.linear(x, f"{blk}.attn_q").reshape(n_tokens, n_heads, d), angles)
         k = rope(self.linear(x, f"{blk}.attn_k").reshape(n_tokens, n_kv_heads, d), angles)
         v = self.linear(x, f"{blk}.attn_v").reshape(n_tokens, n_kv_heads, d)
-        causal = np.triu(np.full((n_tokens, n_tokens), -np.inf), k=1)
+        distance = np.arange(n_tokens)[:, None] - np.arange(n_tokens)[None, :]  # query position - key position
+        visible = distance >= 0
+        if layer in a.windowed:
+            visible &= distance < a.window  # a windowed query sees itself and the window - 1 tokens before it
+        mask = np.where(visible, 0.0, -np.inf)
+        sinks = self.optional(f"{blk}.attn_sinks.weight")
         group = n_heads // n_kv_heads
         heads = []
         for h in range(n_heads):
             kv = h // group
-            scores = q[:, h, :] @ k[:, kv, :].T / np.sqrt(d) + causal
-            heads.append(softmax(scores) @ v[:, kv, :])
+            scores = q[:, h, :] @ k[:, kv, :].T / np.sqrt(d) + mask
+            heads.append(softmax(scores, None if sinks is None else sinks[h]) @ v[:, kv, :])
         return self.linear(np.concatenate(heads, axis=-1), f"{blk}.attn_output")
 
     def feed_forward(self, x: np.ndarray, layer: int) -> np.ndarray:

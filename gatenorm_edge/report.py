@@ -1,22 +1,19 @@
-"""Reports for people and machines: Markdown tables, JSON files and PNG plots (all written atomically)."""
+"""Reports for people and machines: Markdown tables and JSON files, written atomically (plots: ``plots``)."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 
-from .errors import GatenormError
-from .fileio import atomic_output, write_text_atomic
-from .options import DATA_DRIVEN
+from .fileio import write_text_atomic
+from .options import DATA_DRIVEN, DEFAULT_CACHE_TYPE
 
 if TYPE_CHECKING:
+    from .frontier import FrontierResult
     from .harness.compare import CompareResult
     from .harness.passkey import PasskeyResult
     from .harness.perplexity import PerplexityResult
@@ -57,11 +54,15 @@ def megabytes(n_bytes: int) -> str:
 
 def prune_markdown(result: PruneResult, model: Path, out: Path, details: Sequence[tuple[str, Any]]) -> str:
     """What ``prune`` wrote, then the ``details`` of how it chose and patched."""
+    if result.windowed_layers:
+        layers = [("windowed layers", f"{', '.join(map(str, result.windowed_layers))} (window {result.window} tokens)")]
+    else:
+        layers = [("attention-free layers", ", ".join(map(str, result.layers_pruned)) or "none"),
+                  ("linear-attention layers", ", ".join(map(str, result.linear_layers)) or "none")]
     return key_value_table([
         ("input", f"{model} ({result.architecture}, {result.n_layers} layers)"),
-        ("output", f"{out} (deci)"),
-        ("attention-free layers", ", ".join(map(str, result.layers_pruned)) or "none"),
-        ("linear-attention layers", ", ".join(map(str, result.linear_layers)) or "none"),
+        ("output", f"{out} ({result.target})"),
+        *layers,
         ("size", f"{megabytes(result.bytes_in)} -> {megabytes(result.bytes_out)}"),
         ("dropped tensors", f"{len(result.dropped_tensors)} ({megabytes(result.dropped_bytes)})"),
         ("Q/K tensors reordered for RoPE", len(result.permuted_tensors)),
@@ -76,6 +77,8 @@ def inspect_markdown(info: Inspection) -> str:
         ("architecture", info.architecture),
         ("layers", info.n_layers),
         ("attention-free layers", ", ".join(map(str, info.attention_free_layers)) or "none"),
+        *([("windowed layers", f"{', '.join(map(str, info.windowed_layers))} (window {info.window} tokens)")]
+          if info.windowed_layers else []),
         ("size", megabytes(info.size_bytes)),
         ("tensors", info.n_tensors),
     ]
@@ -95,8 +98,9 @@ def mib(n_bytes: int | None) -> str:
     return "n/a" if n_bytes is None else f"{n_bytes / 2**20:.2f} MiB"
 
 
-def fa_label(flash_attn: bool) -> str:
-    return "FA on" if flash_attn else "FA off"
+def fa_label(flash_attn: bool, cache_type: str = DEFAULT_CACHE_TYPE) -> str:
+    """'FA on', or with a KV cache other than llama.cpp's default F16, 'FA on, KV q8_0'."""
+    return ("FA on" if flash_attn else "FA off") + ("" if cache_type == DEFAULT_CACHE_TYPE else f", KV {cache_type}")
 
 
 def ratio(after: float | None, before: float | None) -> str:
@@ -112,8 +116,9 @@ ATTENTION_COST_LABELS = (
 
 
 def attention_layer_kinds(cost: AttentionCost) -> str:
-    """'26 attention, 2 linear, 2 free'."""
-    return f"{len(cost.attention)} attention, {len(cost.linear)} linear, {len(cost.free)} free"
+    """'26 attention, 2 linear, 2 free' (and ', 4 windowed' where there are)."""
+    windowed = f", {len(cost.windowed)} windowed" if cost.windowed else ""
+    return f"{len(cost.attention)} attention, {len(cost.linear)} linear, {len(cost.free)} free{windowed}"
 
 
 def perplexity_markdown(result: PerplexityResult) -> str:
@@ -126,7 +131,7 @@ def perplexity_markdown(result: PerplexityResult) -> str:
         str(result.chunks),
         str(result.tokens_scored),
         f"{result.ppl:.4f} ± {result.ppl_stderr:.4f}",
-        fa_label(result.flash_attn),
+        fa_label(result.flash_attn, result.cache_type),
         f"{result.seconds:.1f}",
     ]
     return markdown_table(header, [row])
@@ -178,7 +183,7 @@ def bench_markdown(result: BenchResult) -> str:
 def compare_markdown(result: CompareResult) -> str:
     """The before/after table of ``compare`` and ``demo``."""
     base, pruned, kld = result.divergence.base, result.divergence.other, result.divergence
-    fa = fa_label(result.flash_attn)
+    fa = fa_label(result.flash_attn, result.cache_type)
     header = ["measure", "base", "pruned", "pruned / base"]
     sizes = result.file_bytes
     rows = [
@@ -251,43 +256,6 @@ def prune_order_line(report: ScoreReport) -> str:
     )
 
 
-def require_matplotlib() -> ModuleType:
-    """matplotlib.pyplot with the file-only Agg backend, or a clear error naming the extra to install."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise GatenormError("--plot needs matplotlib: pip install 'gatenorm-edge[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(figure: Any, path: Path, dpi: int = 120) -> None:
-    """Render a matplotlib figure to PNG and write it atomically; the figure is closed."""
-    plt = require_matplotlib()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    plt.close(figure)
-    with atomic_output(path) as handle:
-        handle.write(buffer.getvalue())
-
-
-def save_score_plot(report: ScoreReport, path: Path) -> None:
-    """A bar chart of the scores by layer, the least coupled quarter highlighted."""
-    plt = require_matplotlib()
-    first = set(report.prune_order[: max(1, len(report.prune_order) // 4)])
-    layers = [entry.layer for entry in report.layers]
-    colors = ["tab:red" if layer in first else "tab:blue" for layer in layers]
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.25 * len(layers)), 3.5))
-    axes.bar(layers, [entry.score for entry in report.layers], color=colors)
-    axes.set_xlabel("layer")
-    axes.set_ylabel(f"Gate-Norm score ({report.variant})")
-    axes.set_title(f"{Path(report.model).name}: red = least coupled quarter")
-    figure.tight_layout()
-    save_figure(figure, path)
-
-
 # --------------------------------------------------------------------------------------------
 # zero-shot
 
@@ -304,7 +272,7 @@ def passkey_markdown(result: PasskeyResult) -> str:
     rows.append(["all", str(result.trials), f"**{100 * result.accuracy:.0f}%**"])
     title = (
         f"Pass-key retrieval, {Path(result.model).name}: prompts of up to {result.prompt_tokens} tokens "
-        f"(ctx {result.ctx}), greedy answers, exact match; {fa_label(result.flash_attn)}, {result.seconds:.0f} s\n\n"
+        f"(ctx {result.ctx}), greedy answers, exact match; {fa_label(result.flash_attn, result.cache_type)}, {result.seconds:.0f} s\n\n"
     )
     return title + markdown_table(["key depth", "trials", "accuracy"], rows)
 
@@ -393,42 +361,19 @@ def study_markdown(result: StudyResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_study_plots(result: StudyResult, folder: Path) -> list[Path]:
-    """``<model>-ppl-kld.png`` (PPL and KLD against k per criterion) and ``<model>-scores.png`` (per-layer scores)."""
-    plt = require_matplotlib()
-    stem = Path(result.model).stem
-    paths = [folder / f"{stem}-ppl-kld.png", folder / f"{stem}-scores.png"]
-    figure, (ppl_axes, kld_axes) = plt.subplots(1, 2, figsize=(12, 4.2))
-    colors = plt.get_cmap("tab20").colors
-    ks = [0] + result.counts
-    for index, study in enumerate(result.criteria):
-        style = dict(linestyle="--" if study.ranking.criterion in DATA_DRIVEN else "-", marker="o", color=colors[index % 20])
-        ppl_axes.plot(ks, [result.base_ppl] + [p.ppl for p in study.points], **style)
-        kld_axes.plot(ks, [0.0] + [p.kld for p in study.points], label=study.ranking.criterion, **style)
-    ppl_axes.set_yscale("log")
-    for axes, label in ((ppl_axes, "perplexity (log scale)"), (kld_axes, "KL divergence from base (nats/token)")):
-        axes.set_xlabel("attention sublayers removed (k)")
-        axes.set_ylabel(label)
-        axes.set_xticks(ks)
-        axes.grid(alpha=0.3)
-    kld_axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="dashed: data-driven", title_fontsize=8)
-    figure.suptitle(f"{Path(result.model).name}: evaluation {result.evaluation.chunks} x {result.evaluation.ctx} tokens, FA on")
-    figure.tight_layout()
-    save_figure(figure, paths[0], dpi=110)
-
-    layers = list(range(1, result.n_layers))
-    figure, axes_list = plt.subplots(len(result.criteria), 1, figsize=(max(6.0, 0.28 * len(layers)), 1.3 * len(result.criteria) + 0.6), sharex=True, squeeze=False)
-    for axes, study in zip(axes_list[:, 0], result.criteria):
-        values = np.array([study.ranking.scores[i] for i in layers], dtype=np.float64)
-        spread = np.ptp(values) or 1.0
-        first = set(study.ranking.prune_order[: max(result.counts)])
-        colors = ["tab:red" if i in first else "tab:blue" for i in layers]
-        axes.bar(layers, 0.05 + (values - values.min()) / spread, color=colors)
-        rho = "" if study.spearman_vs_loo_ppl is None else f"  ρ={study.spearman_vs_loo_ppl:+.2f}"
-        axes.set_ylabel(study.ranking.criterion + rho, rotation=0, ha="right", va="center", fontsize=8)
-        axes.set_yticks([])
-    axes_list[-1, 0].set_xlabel(f"layer (red: the first {max(result.counts)} removed; bars: score scaled to its min..max, low = removed first)")
-    axes_list[-1, 0].set_xticks(layers)
-    figure.tight_layout()
-    save_figure(figure, paths[1], dpi=110)
-    return paths
+def frontier_markdown(result: FrontierResult) -> str:
+    """Every variant by tg speedup: its PPL (± stderr, tokens) and ratios to the base with an F16 cache;
+    the Pareto frontier marked."""
+    rows = []
+    for point in sorted(result.points, key=lambda p: (p.tg_speedup, -p.ppl_ratio)):
+        rows.append([
+            ("**" + point.variant.name + "**") if point.frontier else point.variant.name,
+            f"{point.tg:.2f}", f"{point.tg_speedup:.3f}×", f"{point.pp_speedup:.3f}×",
+            f"{point.ppl:.3f} ± {point.ppl_stderr:.3f}", f"{point.ppl_ratio:.3f}×",
+        ])
+    header = ["variant (bold: on the frontier)", f"tg t/s @ d{result.depth}", "tg speedup", "pp speedup",
+              f"PPL, ctx {result.ctx}, {result.points[0].tokens} tokens", "PPL ÷ base"]
+    notes = (f"\n\n{Path(result.text).name}, {result.chunks} chunks of {result.ctx} tokens; speed: every variant in one "
+             f"interleaved run, FA on, {result.threads} threads, medians of round-by-round ratios over the base with "
+             f"llama.cpp's default F16 KV cache; windows of {result.window} tokens.")
+    return markdown_table(header, rows) + notes

@@ -23,7 +23,9 @@ from .errors import GatenormError
 from .fileio import BackgroundSha256, atomic_output
 from .progress import progress_bar
 from .rewrite_plan import LinearMaps, RewritePlan, TensorCopy, align, plan_rewrite, row_geometry
+from .sources.geometry import gguf_geometry
 from .sources.rope_layout import hf_to_gguf_rows
+from .window_plan import NO_SINK, plan_window
 
 COPY_CHUNK = 64 << 20
 HEADER_PAGE_SLACK = 1 << 20
@@ -48,6 +50,9 @@ class PruneResult:
     source_sha256: str = ""
     linear_layers: list[int] = field(default_factory=list)
     linear_tensor_type: str | None = None
+    target: str = "deci"
+    windowed_layers: list[int] = field(default_factory=list)
+    window: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,13 +94,13 @@ def _write_reordered(src_fd: int, dst_fd: int, copy: TensorCopy) -> None:
     _write_all(dst_fd, hf_to_gguf_rows(rows, copy.rope_heads).tobytes())
 
 
-def _write_linear(dst_fd: int, copy: TensorCopy, linear_maps: LinearMaps) -> None:
-    """Compute, quantize and write one layer's linear-attention matrix (n_embd x n_embd, rows = outputs)."""
-    n_embd = copy.info.shape[0]
-    matrix = np.asarray(linear_maps(copy.linear_layer), dtype=np.float32)
-    if matrix.shape != (n_embd, n_embd) or not np.isfinite(matrix).all():
-        raise GatenormError(f"layer {copy.linear_layer}: linear attention must be a finite {n_embd}x{n_embd} matrix")
-    data = quantize(matrix, copy.info.tensor_type).tobytes()
+def _write_computed(dst_fd: int, copy: TensorCopy, computed: Callable[[int], np.ndarray]) -> None:
+    """Compute, quantize and write one layer's new tensor (a linear-attention matrix, rows = outputs; sinks)."""
+    shape = tuple(reversed(copy.info.shape))
+    values = np.asarray(computed(copy.computed_layer), dtype=np.float32)
+    if values.shape != shape or not np.isfinite(values).all():
+        raise GatenormError(f"{copy.name}: must be finite numbers of shape {shape}, not {values.shape}")
+    data = quantize(values, copy.info.tensor_type).tobytes()
     if len(data) != copy.info.n_bytes:
         raise GatenormError(f"{copy.name}: quantized to {len(data)} bytes, expected {copy.info.n_bytes}")
     _write_all(dst_fd, data)
@@ -140,17 +145,53 @@ def prune_gguf(
     ``linear_maps(layer)`` gives the n_embd x n_embd matrix (float, rows = outputs) written as that layer's
     ``attn_output``.
     """
+    if linear_maps is None:
+        linear = ()
+    return _rewrite(
+        src, dst, lambda: plan_rewrite(src, layers, provenance, linear=layers if linear is None else linear),
+        force, progress, linear_maps,
+    )
+
+
+def window_gguf(
+    src: Path,
+    dst: Path,
+    layers: Sequence[int],
+    window: int,
+    sinks: Callable[[int], np.ndarray] | None = None,
+    *,
+    force: bool = False,
+    provenance: dict[str, str] | None = None,
+    progress: bool = False,
+) -> PruneResult:
+    """Write ``dst``: ``src`` as a ``granite_swa`` GGUF whose ``layers`` attend to the last ``window`` tokens.
+
+    ``sinks(layer)`` gives a windowed layer's attention-sink logits (one per head); without it, and for the
+    layers that keep full attention, the sinks add nothing (``NO_SINK``).
+    """
+
+    def layer_sinks(layer: int) -> np.ndarray:
+        if sinks is not None and layer in layers:
+            return sinks(layer)
+        return np.full(gguf_geometry(src).head_count[layer], NO_SINK, dtype=np.float32)
+
+    return _rewrite(src, dst, lambda: plan_window(src, layers, window, provenance), force, progress, layer_sinks)
+
+
+def _rewrite(
+    src: Path, dst: Path, plan_of: Callable[[], RewritePlan], force: bool, progress: bool,
+    computed: Callable[[int], np.ndarray] | None,
+) -> PruneResult:
+    """Plan (while the source is hashed in the background), check the disk, write; what was done."""
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise GatenormError(f"{src}: no such file")
     check_output_path(src, dst, force)
-    if linear_maps is None:
-        linear = ()
     with BackgroundSha256(src) as sha256:  # hashed while the header is planned and the data copied
-        plan = plan_rewrite(src, layers, provenance, linear=layers if linear is None else linear)
+        plan = plan_of()
         _check_free_space(dst, plan.output_bytes)
-        _write(src, dst, plan, sha256, force, progress, linear_maps)
+        _write(src, dst, plan, sha256, force, progress, computed)
     return PruneResult(
         source=str(src),
         output=str(dst),
@@ -166,13 +207,16 @@ def prune_gguf(
         seconds=time.perf_counter() - started,
         source_sha256=sha256.result(),
         linear_layers=plan.linear,
-        linear_tensor_type=next((c.info.tensor_type.name for c in plan.tensors if c.linear_layer is not None), None),
+        linear_tensor_type=next((c.info.tensor_type.name for c in plan.tensors if c.computed_layer is not None), None) if plan.linear else None,
+        target=plan.target,
+        windowed_layers=plan.windowed,
+        window=plan.window,
     )
 
 
 def _write(
     src: Path, dst: Path, plan: RewritePlan, sha256: BackgroundSha256, force: bool, progress: bool,
-    linear_maps: LinearMaps | None,
+    computed: Callable[[int], np.ndarray] | None,
 ) -> None:
     """Stream ``plan`` into ``dst`` atomically: header, copied or rewritten tensors, then the source hash."""
     bar = progress_bar(f"writing {dst.name}", plan.output_bytes, progress, in_bytes=True)
@@ -184,8 +228,8 @@ def _write(
         for copy in plan.tensors:
             padding = data_start + copy.out_offset - os.lseek(out_fd, 0, os.SEEK_CUR)
             _write_all(out_fd, bytes(padding))
-            if copy.linear_layer is not None:
-                _write_linear(out_fd, copy, linear_maps)
+            if copy.computed_layer is not None:
+                _write_computed(out_fd, copy, computed)
                 advance(copy.info.n_bytes)
             elif copy.rope_heads is None:
                 _copy_range(src_fd, out_fd, copy.info.data_offset, copy.info.n_bytes, advance)

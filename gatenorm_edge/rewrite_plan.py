@@ -62,13 +62,14 @@ LinearMaps = Callable[[int], np.ndarray]
 @dataclass
 class TensorCopy:
     """One output tensor: where its bytes come from, for RoPE reordering its number of heads, and for a
-    computed linear-attention matrix its layer (``info`` then describes the new tensor, not a source)."""
+    tensor computed while writing (a linear-attention matrix, attention sinks) its layer (``info`` then
+    describes the new tensor, not a source)."""
 
     name: str
     info: TensorSpan
     out_offset: int = 0
     rope_heads: int | None = None
-    linear_layer: int | None = None
+    computed_layer: int | None = None
 
 
 @dataclass
@@ -85,6 +86,9 @@ class RewritePlan:
     alignment: int
     tensors: list[TensorCopy]
     dropped: list[TensorSpan] = field(default_factory=list)
+    target: str = "deci"
+    windowed: list[int] = field(default_factory=list)
+    window: int | None = None
 
     @property
     def data_bytes(self) -> int:
@@ -109,11 +113,19 @@ def _encode_str(text: str) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _kv_string(key: str, value: str) -> bytes:
+def kv_string(key: str, value: str) -> bytes:
     return _encode_str(key) + struct.pack("<I", GGUFValueType.STRING) + _encode_str(value)
 
 
-def _kv_uint32_array(key: str, values: Sequence[int]) -> bytes:
+def kv_uint32(key: str, value: int) -> bytes:
+    return _encode_str(key) + struct.pack("<II", GGUFValueType.UINT32, value)
+
+
+def kv_float32(key: str, value: float) -> bytes:
+    return _encode_str(key) + struct.pack("<If", GGUFValueType.FLOAT32, value)
+
+
+def kv_uint32_array(key: str, values: Sequence[int]) -> bytes:
     head = _encode_str(key) + struct.pack("<IIQ", GGUFValueType.ARRAY, GGUFValueType.UINT32, len(values))
     return head + np.asarray(values, dtype="<u4").tobytes()
 
@@ -132,28 +144,29 @@ def _tensor_info(name: str, dims: Sequence[int], ggml_type: int, offset: int) ->
 # Reading what the input says about its layers
 
 
-def _check_single_file(model: GGUFLayout) -> None:
+def check_single_file(model: GGUFLayout) -> None:
     if model.split_count > 1:
         raise GatenormError(
             f"{model.path}: split GGUF ({model.split_count} files); merge it first with llama-gguf-split --merge"
         )
 
 
-def _block_tensor(name: str) -> tuple[int, str] | None:
+def block_tensor(name: str) -> tuple[int, str] | None:
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
         return int(parts[1]), parts[2]
     return None
 
 
-def _check_tensor_names(model: GGUFLayout, n_layers: int) -> None:
+def check_tensor_names(model: GGUFLayout, n_layers: int, target: str = TARGET_ARCH) -> None:
+    """Every tensor is one a llama block in ``target`` has (deci's and granite_swa's are the same set)."""
     allowed = set(ATTENTION_TENSORS) | set(FFN_TENSORS)
     for info in model.tensors.values():
-        block = _block_tensor(info.name)
+        block = block_tensor(info.name)
         ok = info.name in GLOBAL_TENSORS if block is None else (block[0] < n_layers and block[1] in allowed)
         if not ok:
             raise GatenormError(
-                f"{model.path}: tensor {info.name} has no place in llama.cpp's deci architecture; cannot prune this file"
+                f"{model.path}: tensor {info.name} has no place in llama.cpp's {target} architecture; cannot rewrite this file"
             )
 
 
@@ -213,49 +226,65 @@ def _rope_heads(name: str, info: TensorSpan, n_head: int, n_head_kv: int, head_d
 # Planning
 
 
-def _header_fields(
+def header_fields(
     model: GGUFLayout,
     architecture: str,
-    head_count: list[int],
-    head_count_kv: list[int],
-    attention_free: list[int],
-    linear: list[int],
+    target: str,
+    replaced: dict[str, bytes],
+    added: dict[str, bytes],
     source: Path,
     provenance: dict[str, str],
 ) -> tuple[list[bytes], int]:
-    """Encoded KV pairs of the output, and where in them the source sha256 placeholder sits."""
+    """Encoded KV pairs of the output, and where in them the source sha256 placeholder sits.
+
+    ``architecture.*`` keys become ``target.*`` keys, copied as raw bytes unless ``replaced`` (target key ->
+    encoded pair) has them; ``replaced`` pairs the source lacks come after its own, then ``added`` (gatenorm.*
+    key -> encoded pair, replacing the source's), the provenance strings and the source's name and sha256.
+    """
     arch_prefix = f"{architecture}."
-    count_keys = {
-        Keys.Attention.HEAD_COUNT.format(arch=TARGET_ARCH): head_count,
-        Keys.Attention.HEAD_COUNT_KV.format(arch=TARGET_ARCH): head_count_kv,
-    }
-    rewritten = {PRUNED_LAYERS_KEY, LINEAR_LAYERS_KEY, SOURCE_NAME_KEY, SOURCE_SHA256_KEY}
-    rewritten |= {PROVENANCE_PREFIX + k for k in provenance}
+    replaced = dict(replaced)
+    rewritten = set(added) | {SOURCE_NAME_KEY, SOURCE_SHA256_KEY} | {PROVENANCE_PREFIX + k for k in provenance}
     out: list[bytes] = []
     for key, span in model.fields.items():
         if key in rewritten:
             continue
         if key == Keys.General.ARCHITECTURE:
-            out.append(_kv_string(key, TARGET_ARCH))
+            out.append(kv_string(key, target))
         elif key.startswith(arch_prefix):
-            new_key = TARGET_ARCH + "." + key[len(arch_prefix):]
-            if new_key in count_keys:
-                out.append(_kv_uint32_array(new_key, count_keys.pop(new_key)))
-            else:
-                out.append(_encode_str(new_key) + model.raw(span.value_start - 4, span.end))
+            new_key = target + "." + key[len(arch_prefix):]
+            out.append(replaced.pop(new_key) if new_key in replaced else _encode_str(new_key) + model.raw(span.value_start - 4, span.end))
         else:
             out.append(model.raw(span.start, span.end))
-    out.extend(_kv_uint32_array(key, values) for key, values in count_keys.items())
-    out.append(_kv_uint32_array(PRUNED_LAYERS_KEY, attention_free))
-    if linear:
-        out.append(_kv_uint32_array(LINEAR_LAYERS_KEY, linear))
+    out.extend(replaced.values())
+    out.extend(added.values())
     for key, value in sorted(provenance.items()):
-        out.append(_kv_string(PROVENANCE_PREFIX + key, str(value)))
-    out.append(_kv_string(SOURCE_NAME_KEY, source.name))
-    sha_field = _kv_string(SOURCE_SHA256_KEY, SHA256_PLACEHOLDER)
+        out.append(kv_string(PROVENANCE_PREFIX + key, str(value)))
+    out.append(kv_string(SOURCE_NAME_KEY, source.name))
+    sha_field = kv_string(SOURCE_SHA256_KEY, SHA256_PLACEHOLDER)
     sha_offset = sum(len(chunk) for chunk in out) + len(sha_field) - len(SHA256_PLACEHOLDER)
     out.append(sha_field)
     return out, sha_offset
+
+
+def with_tool(provenance: dict[str, str] | None, architecture: str, target: str) -> dict[str, str]:
+    """The provenance strings every output carries: the tool, and the source's architecture when it changes."""
+    provenance = dict(provenance or {})
+    provenance.setdefault("tool", f"gatenorm-edge {__version__}")
+    if architecture != target:
+        provenance.setdefault("source.architecture", architecture)
+    return provenance
+
+
+def assemble_header(tensors: list[TensorCopy], kv: list[bytes], sha_offset: int, alignment: int) -> tuple[bytes, int]:
+    """Give each output tensor its data offset; the whole header, and where the source sha256 sits in it."""
+    offset = 0
+    infos = []
+    for copy in tensors:
+        copy.out_offset = offset
+        infos.append(_tensor_info(copy.name, [int(d) for d in copy.info.shape], int(copy.info.tensor_type), offset))
+        offset = align(offset + copy.info.n_bytes, alignment)
+    prefix = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(kv))
+    return prefix + b"".join(kv) + b"".join(infos), len(prefix) + sha_offset
 
 
 def plan_rewrite(
@@ -324,7 +353,7 @@ def _choose_layers(geometry: ModelGeometry, layers: Sequence[int], linear: Colle
     )
 
 
-def _rope_reorders(model: GGUFLayout, geometry: ModelGeometry, removed: list[int]) -> dict[str, int]:
+def rope_reorders(model: GGUFLayout, geometry: ModelGeometry, removed: list[int]) -> dict[str, int]:
     """Heads per kept Q/K tensor whose rows must be reordered for deci's normal RoPE (NEOX-layout files)."""
     if prunable_architecture(geometry.architecture).rope_style != "neox":
         return {}
@@ -350,11 +379,11 @@ def _output_tensors(
     kept: list[TensorCopy] = []
     dropped: list[TensorSpan] = []
     for info in model.tensors.values():
-        block = _block_tensor(info.name)
+        block = block_tensor(info.name)
         if block is None or block[1] not in ATTENTION_TENSORS or block[0] not in choice.removed:
             kept.append(TensorCopy(info.name, info, rope_heads=reorders.get(info.name)))
         elif block[0] in choice.linear and block[1] == "attn_output.weight":
-            kept.append(TensorCopy(info.name, _linear_output_span(model, block[0], n_embd), linear_layer=block[0]))
+            kept.append(TensorCopy(info.name, _linear_output_span(model, block[0], n_embd), computed_layer=block[0]))
             dropped.append(info)
         elif block[0] in choice.linear and block[1] in LINEAR_KEPT_TENSORS:
             kept.append(TensorCopy(info.name, info))
@@ -367,36 +396,31 @@ def _output_tensors(
 
 def _plan(model: GGUFLayout, layers: Sequence[int], provenance: dict[str, str] | None, linear: Collection[int]) -> RewritePlan:
     src = model.path
-    _check_single_file(model)
+    check_single_file(model)
     architecture = prunable_architecture(model.architecture).name
     geometry = ModelGeometry.from_gguf(model)
-    _check_tensor_names(model, geometry.n_layers)
+    check_tensor_names(model, geometry.n_layers)
     choice = _choose_layers(geometry, layers, linear, src)
-    kept, dropped = _output_tensors(model, choice, _rope_reorders(model, geometry, choice.removed), geometry.n_embd)
-
-    offset = 0
-    infos = []
-    for copy in kept:
-        copy.out_offset = offset
-        infos.append(_tensor_info(copy.name, [int(d) for d in copy.info.shape], int(copy.info.tensor_type), offset))
-        offset = align(offset + copy.info.n_bytes, model.alignment)
-
-    provenance = dict(provenance or {})
-    provenance.setdefault("tool", f"gatenorm-edge {__version__}")
-    if architecture != TARGET_ARCH:
-        provenance.setdefault("source.architecture", architecture)
-    kv, sha_offset = _header_fields(
-        model, architecture, choice.head_count, choice.head_count_kv, choice.attention_free, choice.linear, Path(src), provenance
+    kept, dropped = _output_tensors(model, choice, rope_reorders(model, geometry, choice.removed), geometry.n_embd)
+    provenance = with_tool(provenance, architecture, TARGET_ARCH)
+    counts = {Keys.Attention.HEAD_COUNT.format(arch=TARGET_ARCH): choice.head_count,
+              Keys.Attention.HEAD_COUNT_KV.format(arch=TARGET_ARCH): choice.head_count_kv}
+    added = {PRUNED_LAYERS_KEY: kv_uint32_array(PRUNED_LAYERS_KEY, choice.attention_free)}
+    if choice.linear:
+        added[LINEAR_LAYERS_KEY] = kv_uint32_array(LINEAR_LAYERS_KEY, choice.linear)
+    kv, sha_offset = header_fields(
+        model, architecture, TARGET_ARCH, {key: kv_uint32_array(key, values) for key, values in counts.items()},
+        added, Path(src), provenance,
     )
-    prefix = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(kept), len(kv))
+    header, sha256_offset = assemble_header(kept, kv, sha_offset, model.alignment)
     return RewritePlan(
         architecture=architecture,
         n_layers=geometry.n_layers,
         attention_free=choice.attention_free,
         linear=choice.linear,
         requested=sorted(int(layer) for layer in layers),
-        header=prefix + b"".join(kv) + b"".join(infos),
-        sha256_offset=len(prefix) + sha_offset,
+        header=header,
+        sha256_offset=sha256_offset,
         alignment=model.alignment,
         tensors=kept,
         dropped=dropped,

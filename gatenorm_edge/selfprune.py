@@ -35,13 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from .budget import Budget, plan_to_budget
 from .errors import GatenormError
+from .options import DEFAULT_CACHE_TYPE
+from .speedmodel import Change
 from .harness.model import LoadedModel, open_model
-from .harness.logprobs import log_softmax, row_blocks
-from .harness.probe import StreamEdits, StreamProbe
+from .harness.probe import HeldOutDivergence, StreamEdits, StreamProbe, last_only
 from .progress import Ticker, progress_bar
-from .harness.selfcal import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, Calibration, CalibrationRecord, self_calibration, text_calibration
+from .harness.selfcal import Calibration, CalibrationRecord, CalibrationSpec, self_calibration, text_calibration
 from .harness.text import read_text
 from .recovery import ridge_solve
 from .rewrite import PruneResult, check_output_path, prune_gguf
@@ -51,7 +51,7 @@ from .sources.geometry import gguf_geometry
 from .sources.gguf_file import GGUFFile
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-HELD_OUT = (2, 6, 9, 13)  # sequence indices kept for validation: other start texts than the fit part
+HELD_OUT = (2, 6, 9, 13)  # of 16 sequences, those kept for validation: other start texts than the fit part
 KLD_SEQUENCES = 2  # held-out sequences scored for KLD, in full; their second half is scored, as perplexity does
 SHORTLIST_EXTRA = 3
 VETO_FACTOR = 3.0
@@ -123,12 +123,21 @@ class SelfPruneReport:
     picked: str
     seconds: dict[str, float] = field(default_factory=dict)
     predicted: dict[str, Any] | None = None  # with a budget: the prediction the plan was chosen by
+    patches: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # layer -> W, for the patched layers
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``selfprune`` JSON entry (``predicted`` has its own, top-level entry)."""
+        """The ``selfprune`` JSON entry (``predicted`` has its own, top-level entry; the patches are in the file)."""
         data = asdict(self) | {"calibration": self.calibration.to_dict()}
-        del data["predicted"]
+        del data["predicted"], data["patches"]
         return data
+
+    @property
+    def held_out_kld(self) -> float:
+        return min(candidate.kld for candidate in self.candidates)
+
+    def change(self, cache_type: str = DEFAULT_CACHE_TYPE) -> Change:
+        dropped = tuple(layer for layer in self.layers if layer not in self.patched)
+        return Change(dropped=dropped, patched=tuple(self.patched), cache_type=cache_type)
 
     def provenance(self) -> dict[str, str]:
         cal = self.calibration
@@ -139,7 +148,7 @@ class SelfPruneReport:
             "calibration.tokens": str(cal.tokens),
             "patched_layers": ",".join(map(str, self.patched)) or "none",
             "picked": self.picked,
-            "held_out_kld": f"{min(c.kld for c in self.candidates):.6f}",
+            "held_out_kld": f"{self.held_out_kld:.6f}",
         } | ({"predicted": json.dumps(self.predicted)} if self.predicted else {})
 
 
@@ -150,8 +159,8 @@ def check_count(count: int, n_layers: int) -> None:
 
 
 def split_sequences(n_sequences: int) -> tuple[list[int], list[int]]:
-    """(fit, held-out) sequence indices; held-out are ``HELD_OUT`` (for fewer sequences: every 4th from 2)."""
-    held = list(HELD_OUT) if n_sequences > max(HELD_OUT) else list(range(2, n_sequences, 4))
+    """(fit, held-out) sequence indices; of 16, the held-out are ``HELD_OUT``, else every 4th from 2."""
+    held = list(HELD_OUT) if n_sequences == 16 else list(range(2, n_sequences, 4))
     if not held or len(held) == n_sequences:
         raise GatenormError(f"calibration needs at least 3 sequences to keep some apart for validation, not {n_sequences}")
     return [i for i in range(n_sequences) if i not in held], held
@@ -170,7 +179,7 @@ def capture_statistics(
     for index, sequence in enumerate(sequences):
         # The arithmetic waits until llama.cpp has finished the decode: inside its callback, NumPy would
         # compete with llama.cpp's own threads for the cores.
-        probe.run([sequence], edits, lambda _index, _logits: None)
+        probe.run([sequence], edits, lambda _index, _logits: None, last_only)
         stats = held_stats if index in held else fit_stats
         for layer, x, normed, attention in captured:
             stats[layer].add(normed, attention)
@@ -195,37 +204,6 @@ def best_patch(fit: LeastSquares, held: LeastSquares) -> tuple[float, float, np.
     return best
 
 
-class HeldOutDivergence:
-    """Mean KL(base || edited) over the scored positions of the held-out KLD sequences."""
-
-    def __init__(self, probe: StreamProbe, sequences: Sequence[np.ndarray]) -> None:
-        self.probe = probe
-        self.sequences = list(sequences)
-        self.base: list[np.ndarray] = []
-        probe.run(self.sequences, StreamEdits(), lambda _i, logits: self.base.append(self._log_probs(logits)))
-
-    @staticmethod
-    def _log_probs(logits: np.ndarray) -> np.ndarray:
-        rows = logits[len(logits) // 2 :]
-        out = np.empty(rows.shape, dtype=np.float32)
-        for block in row_blocks(len(rows)):
-            out[block] = log_softmax(rows[block])
-        return out
-
-    def __call__(self, edits: StreamEdits) -> float:
-        total, count = 0.0, 0
-
-        def on_logits(index: int, logits: np.ndarray) -> None:
-            nonlocal total, count
-            log_p = self.base[index]
-            log_q = self._log_probs(logits)
-            total += float(np.sum(np.exp(log_p.astype(np.float64)) * (log_p - log_q)))
-            count += len(log_p)
-
-        self.probe.run(self.sequences, edits, on_logits)
-        return total / count
-
-
 def recovered_edits(layers: Sequence[int], patches: dict[int, np.ndarray]) -> StreamEdits:
     """Edits for ``layers`` removed, each patched where ``patches`` has it, dropped otherwise."""
     return StreamEdits(
@@ -234,12 +212,12 @@ def recovered_edits(layers: Sequence[int], patches: dict[int, np.ndarray]) -> St
     )
 
 
-def load_calibration(model: LoadedModel, calib: Path | None, seq_len: int, seed: int, progress: bool) -> Calibration:
-    """Self-sampled calibration, or ``DEFAULT_SEQUENCES`` sequences cut from the text file ``calib``."""
+def load_calibration(model: LoadedModel, calib: Path | None, spec: CalibrationSpec, progress: bool) -> Calibration:
+    """Self-sampled calibration as ``spec`` says, or as many sequences cut from the text file ``calib``."""
     if calib is None:
         label = f"1/{STAGES} sampling calibration text"
-        return self_calibration(model, seq_len=seq_len, seed=seed, progress=progress, label=label)
-    return text_calibration(model, calib, read_text(calib), seq_len, DEFAULT_SEQUENCES)
+        return self_calibration(model, spec, progress=progress, label=label)
+    return text_calibration(model, calib, read_text(calib), spec.seq_len, spec.sequences)
 
 
 class SelfCalibratedPruner:
@@ -249,8 +227,8 @@ class SelfCalibratedPruner:
     """
 
     def __init__(
-        self, model_path: Path, *, calib: Path | None = None, seq_len: int = DEFAULT_SEQ_LEN, recover: bool = True,
-        seed: int = DEFAULT_SEED, n_threads: int | None = None, progress: bool = False,
+        self, model_path: Path, *, calib: Path | None = None, spec: CalibrationSpec = CalibrationSpec(),
+        recover: bool = True, n_threads: int | None = None, progress: bool = False,
     ) -> None:
         self.progress = progress
         self.seconds: dict[str, float] = {}
@@ -259,23 +237,23 @@ class SelfCalibratedPruner:
         self.prunable = list(range(1, len(self.per_head)))
         self._closing = contextlib.ExitStack()
         self.model = self._closing.enter_context(
-            contextlib.closing(open_model(model_path, n_ctx=seq_len, n_threads=n_threads))
+            contextlib.closing(open_model(model_path, n_ctx=spec.seq_len, n_threads=n_threads))
         )
         try:
-            self._prepare(calib, seq_len, recover, seed, started)
+            self._prepare(calib, spec, recover, started)
         except BaseException:
             self.close()
             raise
 
-    def _prepare(self, calib: Path | None, seq_len: int, recover: bool, seed: int, started: float) -> None:
-        self.calibration = load_calibration(self.model, calib, seq_len, seed, self.progress)
+    def _prepare(self, calib: Path | None, spec: CalibrationSpec, recover: bool, started: float) -> None:
+        self.calibration = load_calibration(self.model, calib, spec, self.progress)
         if self.calibration.cached is not False:
             with progress_bar(f"1/{STAGES} calibration text", 1, self.progress) as tick:
                 tick(status=f"{self.calibration.tokens} tokens, {self.calibration.source}")
         self.seconds["calibrate"] = time.perf_counter() - started
         sequences = self.calibration.arrays()
         _, held = split_sequences(len(sequences))
-        self.probe = self._closing.enter_context(contextlib.closing(StreamProbe(self.model, seq_len)))
+        self.probe = self._closing.enter_context(contextlib.closing(StreamProbe(self.model, spec.seq_len)))
         mark = time.perf_counter()
         with progress_bar(f"2/{STAGES} capturing attention", len(sequences), self.progress) as tick:
             fit_stats, held_stats, turn = capture_statistics(
@@ -305,8 +283,8 @@ class SelfCalibratedPruner:
             choice.kld = self.divergence(recovered_edits([layer], {}))
         return choice.kld
 
-    def plan(self, count: int, *, fixed: Sequence[int] | None = None) -> tuple[SelfPruneReport, dict[int, np.ndarray]]:
-        """Stages 4-5 for ``count`` layers: the report and the patches to write (layer -> W).
+    def plan(self, count: int, *, fixed: Sequence[int] | None = None) -> SelfPruneReport:
+        """Stages 4-5 for ``count`` layers: the report, with the patches to write (layer -> W).
 
         The first ``count + SHORTLIST_EXTRA`` layers of the cosine order are tried alone (dropped); a layer
         whose KLD exceeds ``VETO_FACTOR`` times their median is vetoed, and the walk goes on down the order
@@ -357,8 +335,9 @@ class SelfCalibratedPruner:
             candidates=outcomes,
             picked=best.name,
             seconds=seconds,
+            patches={layer: self.patches[layer] for layer in best.patched},
         )
-        return report, {layer: self.patches[layer] for layer in best.patched}
+        return report
 
     def recover(self, name: str, layers: list[int]) -> Candidate:
         """``layers`` removed: patched where a validated patch exists, unless all dropped does better held out."""
@@ -370,11 +349,10 @@ class SelfCalibratedPruner:
         return Candidate(name, layers, patched, kld_dropped, kld_patched, kld_patched)
 
 
-def write_plan(
-    src: Path, dst: Path, report: SelfPruneReport, patches: dict[int, np.ndarray], *, force: bool, progress: bool
-) -> PruneResult:
-    """Write the planned file: the report's layers removed, ``patches`` as deci linear attention."""
+def write_plan(src: Path, dst: Path, report: SelfPruneReport, *, force: bool, progress: bool) -> PruneResult:
+    """Write the planned file: the report's layers removed, its patches as deci linear attention."""
     started = time.perf_counter()
+    patches = report.patches
     result = prune_gguf(
         src, dst, report.layers, force=force, provenance=report.provenance(), progress=progress,
         linear_maps=patches.__getitem__ if patches else None, linear=sorted(patches),
@@ -384,44 +362,40 @@ def write_plan(
     return result
 
 
-def self_prune(
-    src: Path,
-    dst: Path,
-    count: int | None,
-    *,
-    budget: Budget | None = None,
-    calib: Path | None = None,
-    fixed: Sequence[int] | None = None,
-    recover: bool = True,
-    seed: int = DEFAULT_SEED,
-    force: bool = False,
-    n_threads: int | None = None,
-    progress: bool = False,
-) -> tuple[PruneResult, SelfPruneReport]:
-    """The whole pipeline for one K (or for the K a ``budget`` needs): plan, then write ``dst``; the output
-    path, the count or budget, and a speed model the budget needs all come before any sampling."""
-    src, dst = Path(src), Path(dst)
+def check_self_calibrated(src: Path, dst: Path, force: bool) -> None:
+    """The source, the output path and the architecture, checked before any sampling."""
     if not src.is_file():
         raise GatenormError(f"{src}: no such file")
     check_output_path(src, dst, force)
     plan_rewrite(src, [1], {})  # refuses an architecture that cannot be pruned before any sampling
-    gguf = GGUFFile(src)
-    if gguf.architecture not in SELF_CALIBRATED_ARCHS:
+    architecture = GGUFFile(src).architecture
+    if architecture not in SELF_CALIBRATED_ARCHS:
         raise GatenormError(
             f"{src}: the data-free default works on {' and '.join(SELF_CALIBRATED_ARCHS)} files, not "
-            f"{gguf.architecture}; choose layers with --layers or --criterion per-head"
+            f"{architecture}; choose layers with --layers or --criterion per-head"
         )
-    speed = None
-    if budget is None:
-        check_count(count, gguf_geometry(src).n_layers)
-    else:
-        budget.check(src)
-        speed = budget.speed_model(src, progress)
+
+
+def self_prune(
+    src: Path,
+    dst: Path,
+    count: int,
+    *,
+    calib: Path | None = None,
+    fixed: Sequence[int] | None = None,
+    recover: bool = True,
+    spec: CalibrationSpec = CalibrationSpec(),
+    force: bool = False,
+    n_threads: int | None = None,
+    progress: bool = False,
+) -> tuple[PruneResult, SelfPruneReport]:
+    """The whole pipeline for ``count`` layers: plan, then write ``dst``; the output path and the count are
+    checked before any sampling. (Budgets are ``chooser``'s.)"""
+    src, dst = Path(src), Path(dst)
+    check_self_calibrated(src, dst, force)
+    check_count(count, gguf_geometry(src).n_layers)
     with contextlib.closing(
-        SelfCalibratedPruner(src, calib=calib, recover=recover, seed=seed, n_threads=n_threads, progress=progress)
+        SelfCalibratedPruner(src, calib=calib, spec=spec, recover=recover, n_threads=n_threads, progress=progress)
     ) as pruner:
-        if budget is None:
-            report, patches = pruner.plan(count, fixed=fixed)
-        else:
-            report, patches, report.predicted = plan_to_budget(src, budget, pruner.plan, speed)
-    return write_plan(src, dst, report, patches, force=force, progress=progress), report
+        report = pruner.plan(count, fixed=fixed)
+    return write_plan(src, dst, report, force=force, progress=progress), report

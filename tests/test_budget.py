@@ -12,11 +12,13 @@ import pytest
 
 from cli_helpers import assert_one_line_error, run_cli_here
 from gatenorm_edge.budget import Budget, parse_size, plan_to_budget
+from gatenorm_edge.cache import unseal
+from gatenorm_edge.chooser import template
 from gatenorm_edge.errors import GatenormError
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.speed import BenchResult, BenchSettings, Spread
 from gatenorm_edge.selfprune import SelfCalibratedPruner
-from gatenorm_edge.speedmodel import SpeedModel, measure_speed_model, speed_settings
+from gatenorm_edge.speedmodel import Change, SpeedModel, measure_speed_model, speed_settings
 
 
 @pytest.mark.parametrize(("text", "size"), [("1000", 1000), ("512M", 512 * 2**20), ("8GiB", 8 * 2**30), ("1.5k", 1536), ("2 MB", 2 * 2**20)])
@@ -29,15 +31,28 @@ def test_size_refuses_words() -> None:
         parse_size("lots")
 
 
+def per_depth(tg: float) -> dict[str, dict[str, float]]:
+    return {"tg": {"4096": tg}, "pp": {"4096": tg / 10}}
+
+
 def test_speed_model_is_linear_in_layers_removed() -> None:
-    base, attention, patch = 0.010, 0.0005, 0.0001
-    model = SpeedModel("m.gguf", "0" * 64, "cpu", 2, True, [4096], 10, {"tg": {"4096": base}, "pp": {"4096": base / 10}},
-                       {"tg": {"4096": attention}, "pp": {"4096": attention / 10}}, {"tg": {"4096": patch}, "pp": {"4096": patch / 10}}, 1.0)
-    assert model.speedup("tg", 4096, 0, 0) == 1.0
-    assert model.speedup("tg", 4096, 4, 0) == pytest.approx(base / (base - 4 * attention))
-    assert model.speedup("tg", 4096, 2, 2) == pytest.approx(base / (base - 4 * attention + 2 * patch))
+    base, attention, patch, windowed, base_q8 = 0.010, 0.0005, 0.0001, 0.0002, 0.006
+    model = SpeedModel("m.gguf", "0" * 64, "cpu", 2, True, [4096], 10, per_depth(base), per_depth(attention),
+                       per_depth(patch), 1.0, window=512, windowed=per_depth(windowed),
+                       unchanged={"f16": per_depth(base), "q8_0": per_depth(base_q8)})
+    assert model.speedup("tg", 4096, Change()) == 1.0
+    assert model.speedup("tg", 4096, Change(dropped=(1, 2, 3, 4))) == pytest.approx(base / (base - 4 * attention))
+    two_and_two = Change(dropped=(1, 2), patched=(3, 4))
+    assert model.speedup("tg", 4096, two_and_two) == pytest.approx(base / (base - 4 * attention + 2 * patch))
+    three = Change(windowed=(1, 2, 3), window=512)
+    assert model.speedup("tg", 4096, three) == pytest.approx(base / (base - 3 * (attention - windowed)))
+    assert model.speedup("tg", 4096, Change(cache_type="q8_0")) == pytest.approx(base / base_q8)  # the cache alone
     with pytest.raises(GatenormError, match="measured at depths"):
-        model.speedup("tg", 0, 1, 0)
+        model.speedup("tg", 0, Change(dropped=(1,)))
+    with pytest.raises(GatenormError, match="not q8_0"):  # drops with q8_0 were not timed by this f16 model
+        model.speedup("tg", 4096, Change(dropped=(1,), cache_type="q8_0"))
+    with pytest.raises(GatenormError, match="and 256"):
+        model.speedup("tg", 4096, Change(windowed=(1,), window=256))
 
 
 def test_speed_model_is_measured_once_and_cached(stories260k: Path, tmp_path: Path) -> None:
@@ -46,7 +61,7 @@ def test_speed_model_is_measured_once_and_cached(stories260k: Path, tmp_path: Pa
     assert first.removed_in_probe == 3 and first.depths == [64]
     assert all(first.base[kind]["64"] > 0 for kind in ("pp", "tg"))
     (entry,) = tmp_path.iterdir()
-    assert SpeedModel(**json.loads(entry.read_text())) == first
+    assert SpeedModel(**unseal(entry.read_text())) == first
     assert measure_speed_model(stories260k, settings, cache_dir=tmp_path) == first  # from the cache: same figures
     with pytest.raises(GatenormError, match="unpruned model"):
         pruned = tmp_path / "p.gguf"
@@ -61,17 +76,17 @@ def test_kv_budget_takes_the_fewest_layers_and_llama_cpp_agrees(stories260k: Pat
     assert done.returncode == 0, done.stderr
     data = json.loads(report.read_text())
     assert len(data["selfprune"]["layers"]) == 2  # 3 layers x 32,768 <= 100,000 < 4 x 32,768
-    assert data["predicted"] == {"depth": 256, "kv_bytes": 3 * 32768}
+    assert data["predicted"] == {"depth": 256, "cache_type": "f16", "kv_bytes": 3 * 32768}
     with contextlib.closing(open_model(out, n_ctx=256)) as model:
         assert model.kv_bytes == 3 * 32768  # what llama.cpp allocated for the written file
 
 
 def test_max_kld_takes_the_most_layers_within_the_limit(stories260k: Path) -> None:
     with contextlib.closing(SelfCalibratedPruner(stories260k, n_threads=1)) as pruner:
-        klds = {k: min(c.kld for c in pruner.plan(k)[0].candidates) for k in (1, 2, 3)}
+        klds = {k: min(c.kld for c in pruner.plan(k).candidates) for k in (1, 2, 3)}
         limit = (klds[1] + klds[2]) / 2 if klds[2] > klds[1] else klds[2] * 1.01
-        report, _, entry = plan_to_budget(stories260k, Budget(max_kld=limit), pruner.plan, None)
-    assert min(c.kld for c in report.candidates) <= limit
+        report, entry = plan_to_budget(stories260k, Budget(max_kld=limit), pruner.plan, None, 3, template("auto", None, "f16"))
+    assert report.held_out_kld == min(c.kld for c in report.candidates) <= limit
     assert len(report.layers) == max(k for k, kld in klds.items() if kld <= limit and all(klds[j] <= limit for j in range(1, k)))
     assert entry["depth"] == 4096 and entry["kv_bytes"] > 0
 
@@ -131,7 +146,7 @@ def test_bench_vs_shows_the_prediction_beside_the_measurement(stories260k: Path,
                         "--reps", "1", "--threads", "1", "--json", out)
     assert done.returncode == 0, done.stderr
     predicted = json.loads(out.read_text())["predicted"]
-    assert predicted["tg"]["64"] == pytest.approx(speed.speedup("tg", 64, 2, 0))
+    assert predicted["tg"]["64"] == pytest.approx(speed.speedup("tg", 64, Change(dropped=(2, 3))))
     assert "(predicted " in done.stdout
     done = run_cli_here("bench", stories260k, "--vs", pruned, "--prompt", "32", "--gen", "4", "--depth", "0",
                         "--reps", "1", "--threads", "1", "--json", out)
@@ -146,7 +161,8 @@ def test_budget_reuses_a_speed_model_that_covers_its_depth(stories260k: Path, tm
         raise AssertionError("the cached speed model covers depth 64: nothing to measure")
 
     monkeypatch.setattr("gatenorm_edge.budget.measure_speed_model", measure_again)
-    assert Budget(speedup=1.01, depth=64, threads=1).speed_model(stories260k, progress=False) == earlier
+    budget = Budget(speedup=1.01, depth=64, threads=1)
+    assert budget.speed_model(stories260k, 3, template("auto", None, "f16"), progress=False) == earlier
 
 
 def test_speed_settings_cut_the_deepest_depth_to_the_training_context(stories260k: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 from gatenorm_edge.cache import PROGRAM, DamagedEntry, seal, unseal
 from gatenorm_edge.harness import zeroshot as zs
 from gatenorm_edge.harness.model import open_model
-from gatenorm_edge.harness.selfcal import self_calibration
+from gatenorm_edge.harness.selfcal import CalibrationSpec, self_calibration
 from gatenorm_edge.harness.speed import BenchSettings
 from gatenorm_edge.speedmodel import measure_speed_model
 
@@ -52,14 +52,15 @@ def test_a_damaged_calibration_entry_is_sampled_again(
     stories260k: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Damage, reason: str
 ) -> None:
     with contextlib.closing(open_model(stories260k, n_ctx=64, n_threads=1)) as model:
-        first = self_calibration(model, seq_len=32, cache_dir=tmp_path)
+        spec = CalibrationSpec(source="starts", tokens=4 * 32, seq_len=32)
+        first = self_calibration(model, spec, cache_dir=tmp_path)
         (entry,) = tmp_path.glob("*.json")
         entry.write_text(damage(entry.read_text()))
-        again = self_calibration(model, seq_len=32, cache_dir=tmp_path)
+        again = self_calibration(model, spec, cache_dir=tmp_path)
         assert (first.cached, again.cached) == (False, False)  # sampled again, not read back
         assert again.sequences == first.sequences  # the same seed gives the same tokens
         one_warning(capsys.readouterr().err, "calibration", entry, reason)
-        assert self_calibration(model, seq_len=32, cache_dir=tmp_path).cached  # the rebuilt entry is sound
+        assert self_calibration(model, spec, cache_dir=tmp_path).cached  # the rebuilt entry is sound
 
 
 @pytest.mark.parametrize(("damage", "reason"), DAMAGES, ids=IDS)

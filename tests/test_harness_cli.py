@@ -25,7 +25,7 @@ def test_ppl_writes_the_json_contract(stories260k: Path, tinystories: Path, tmp_
     done = run_cli("ppl", stories260k, "--text", tinystories, "--ctx", "64", "--chunks", "3", "--json", out)
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
-    assert set(data) == {"model", "text", "ctx", "chunks", "tokens_scored", "ppl", "ppl_stderr", "seconds", "flash_attn"}
+    assert set(data) == {"model", "text", "ctx", "chunks", "tokens_scored", "ppl", "ppl_stderr", "seconds", "flash_attn", "cache_type"}
     assert data["chunks"] == 3 and data["tokens_scored"] == 3 * 31 and data["flash_attn"] is True
     assert 1 < data["ppl"] < 512 and data["ppl_stderr"] > 0  # better than uniform over stories260K's 512 tokens
     assert "FA on" in done.stdout and f"{data['ppl']:.4f}" in done.stdout

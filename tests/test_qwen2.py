@@ -11,48 +11,13 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from gatenorm_edge.reference import ReferenceModel, rope_angles, rope_neox, rope_normal
 from gatenorm_edge.rewrite import prune_gguf
 from gatenorm_edge.sources.gguf_file import GGUFFile
-from gatenorm_edge.sources.rope_layout import gguf_to_hf_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TOKENS = 512
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2(stories260k: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """stories260K (F32) recast as a qwen2 file: Q/K rows in NEOX order, random q/k/v biases.
-
-    Written with the upstream GGUFWriter; F32 weights make llama.cpp and NumPy agree to ~1e-5,
-    so the qwen2 -> deci rewrite can be checked far below the noise floor of a quantized model.
-    """
-    reader = GGUFReader(stories260k)
-    path = tmp_path_factory.mktemp("tiny") / "tiny-qwen2.gguf"
-    writer = GGUFWriter(path, "qwen2")
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        key = key.replace("llama.", "qwen2.", 1)
-        sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), field.types[0], sub_type)
-    n_head, n_head_kv = reader.fields["llama.attention.head_count"].contents(), 4
-    rng = np.random.default_rng(0)
-    for tensor in reader.tensors:
-        data = np.array(tensor.data)
-        if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
-            data = gguf_to_hf_rows(data, n_head if "attn_q" in tensor.name else n_head_kv)
-        writer.add_tensor(tensor.name, data)
-        if tensor.name.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight")):
-            bias_name = tensor.name.replace(".weight", ".bias")
-            writer.add_tensor(bias_name, (0.3 * rng.standard_normal(data.shape[0])).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def _exact_logits(path: Path, tokens: list[int]) -> np.ndarray:

@@ -17,7 +17,7 @@ from gguf import GGUFReader
 from cli_helpers import assert_one_line_error, run_cli, run_cli_here, spawn_cli
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.probe import StreamEdits, StreamProbe
-from gatenorm_edge.harness.selfcal import sample_sequences, self_calibration
+from gatenorm_edge.harness.selfcal import CalibrationSpec, sample_sequences, self_calibration
 from gatenorm_edge.rewrite import prune_gguf
 from gatenorm_edge.selfprune import LeastSquares, SelfCalibratedPruner, best_patch
 from gatenorm_edge.sources.gguf_file import GGUFFile
@@ -86,16 +86,18 @@ def test_capture_sees_the_attention_output(stories260k: Path) -> None:
 
 def test_sampling_is_reproducible_for_a_seed(stories260k: Path, tmp_path: Path) -> None:
     with contextlib.closing(open_model(stories260k, n_ctx=64, n_threads=1)) as model:
-        starts = ("Once upon a time", "The dog")
-        first = sample_sequences(model, starts, 48, seed=5)
-        again = sample_sequences(model, starts, 48, seed=5)
-        other = sample_sequences(model, starts, 48, seed=6)
+        prompts = [model.tokenize_text(text) for text in ("Once upon a time", "The dog")]
+        first = sample_sequences(model, prompts, 48, seed=5)
+        again = sample_sequences(model, prompts, 48, seed=5)
+        other = sample_sequences(model, prompts, 48, seed=6)
         assert first == again
-        assert first != other
-        assert [len(s) for s in first] == [48, 48]
-        sampled = self_calibration(model, seq_len=48, seed=5, starts=starts, cache_dir=tmp_path)
-        cached = self_calibration(model, seq_len=48, seed=5, starts=starts, cache_dir=tmp_path)
-    assert sampled.sequences == first == cached.sequences
+        assert first.sequences != other.sequences
+        assert [len(s) for s in first.sequences] == [48, 48]
+        spec = CalibrationSpec(source="starts", tokens=2 * 48, seq_len=48, seed=5)
+        sampled = self_calibration(model, spec, cache_dir=tmp_path)
+        cached = self_calibration(model, spec, cache_dir=tmp_path)
+    assert sampled.sequences[0][: len(prompts[0])] == tuple(prompts[0])  # the first start text, as prompted
+    assert sampled.sequences == cached.sequences and len(sampled.sequences) == 2
     assert (sampled.cached, cached.cached) == (False, True)
     assert sampled.sha256 == cached.sha256
 
@@ -130,7 +132,8 @@ def test_guard_drops_patches_that_hurt(stories260k: Path) -> None:
     """Patches made harmful on purpose lose to the plain drop on held-out tokens, so none is written; and
     of the candidate sets (self-calibrated, per-head Gate-Norm) the one with the lowest held-out KLD wins."""
     with contextlib.closing(SelfCalibratedPruner(stories260k, n_threads=1)) as pruner:
-        report, kept = pruner.plan(2)
+        report = pruner.plan(2)
+        kept = report.patches
         for layer in report.patched:
             assert pruner.choices[layer].held_error < 1.0
         picked = next(c for c in report.candidates if c.name == report.picked)
@@ -141,7 +144,8 @@ def test_guard_drops_patches_that_hurt(stories260k: Path) -> None:
         pruner.patches = {layer: -5.0 * matrix for layer, matrix in pruner.patches.items()}
         for layer in pruner.prunable:
             pruner.patches.setdefault(layer, np.eye(64) * 5.0)
-        harmful, kept = pruner.plan(2)
+        harmful = pruner.plan(2)
+        kept = harmful.patches
     for candidate in harmful.candidates:
         assert candidate.kld_patched > candidate.kld_dropped and candidate.patched == []
     assert harmful.patched == [] and kept == {}
@@ -234,7 +238,7 @@ def test_bad_calibration_input_is_one_line(stories260k: Path, tmp_path: Path, ca
         prune_gguf(stories260k, model, [2])
         message = "not deci; choose layers with --layers or --criterion per-head"
     else:
-        extra, message = ["--mode", "linear", "--calib", str(stories260k)], "--criterion self goes with --mode auto or drop"
+        extra, message = ["--mode", "linear", "--calib", str(stories260k)], "--criterion self goes with --mode auto, drop or window"
     result = run_cli("prune", model, out, "--count", count, *extra)
     assert_one_line_error(result, message)
     assert result.returncode == 2

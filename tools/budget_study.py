@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from gatenorm_edge.budget import Budget, plan_to_budget
+from gatenorm_edge.chooser import most_layers, template
 from gatenorm_edge.fileio import write_text_atomic
 from gatenorm_edge.harness.passkey import passkey
 from gatenorm_edge.harness.perplexity import perplexity
 from gatenorm_edge.harness.speed import bench
 from gatenorm_edge.selfprune import SelfCalibratedPruner, write_plan
+from gatenorm_edge.sources.geometry import gguf_geometry
 from gatenorm_edge.speedmodel import measure_speed_model, speed_settings
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -57,10 +59,12 @@ def plans(model: Path, out: Path, targets: list[float], depths: tuple[int, ...],
             for key, (depth, target) in wanted.items():
                 if key in found:
                     continue
-                report, patches, entry = plan_to_budget(model, Budget(speedup=target, depth=depth), pruner.plan, speed)
+                most = most_layers("auto", gguf_geometry(model).n_layers)
+                report, entry = plan_to_budget(model, Budget(speedup=target, depth=depth), pruner.plan, speed, most,
+                                               template("auto", None, "f16"))
                 path = out / f"k{len(report.layers)}.gguf"
                 if not path.is_file():
-                    write_plan(model, path, report, patches, force=True, progress=False)
+                    write_plan(model, path, report, force=True, progress=False)
                 found[key] = {"depth": depth, "target": target, "k": len(report.layers), "layers": report.layers,
                               "patched": report.patched, "predicted": entry, "file": path.name}
                 write_text_atomic(out / f"plan-{key}.json", json.dumps(found[key], indent=1) + "\n")

@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 
 from gatenorm_edge.harness.model import open_model
-from gatenorm_edge.harness.selfcal import DEFAULT_SEED, DEFAULT_SEQ_LEN, STARTS, sample_sequences
+from gatenorm_edge.harness.prompts import STARTS, prompt_set
+from gatenorm_edge.harness.selfcal import DEFAULT_SEED, DEFAULT_SEQ_LEN, sample_sequences, sampler_tables
 
 CODE_LINE = re.compile(
     r"^\s*(def |class |import |from \S+ import|return\b|#include|public |private |function\b|var |let |const |for \(|if \(|"
@@ -34,8 +35,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     with contextlib.closing(open_model(args.model, n_ctx=DEFAULT_SEQ_LEN, n_threads=args.threads)) as model:
-        for label, starts in (("varied starts (STARTS)", STARTS), ("beginning of text only", ("",) * len(STARTS))):
-            sequences = sample_sequences(model, starts, DEFAULT_SEQ_LEN, DEFAULT_SEED)
+        _, lead, boundary = sampler_tables(model)
+        for label, source in (("varied starts (STARTS)", "starts"), ("beginning of text only", "bos")):
+            prompts = prompt_set(model, source, len(STARTS), lead, boundary).prompts
+            sequences = sample_sequences(model, prompts, DEFAULT_SEQ_LEN, DEFAULT_SEED).sequences
             texts = [model.detokenize(list(s)).decode("utf-8", "replace") for s in sequences]
             shares = [code_share(text) for text in texts]
             code = sum(share >= 1 / 3 for share in shares)

@@ -90,8 +90,8 @@ def main() -> None:
                         prune_gguf(args.model, path, order[:k], force=True, provenance={"variant": "per-head"})
                     else:
                         fixed = score_model(args.model, "per-head").prune_order[:k] if name == "patch" else None
-                        report, patches = pruner.plan(k, fixed=fixed)
-                        write_plan(args.model, path, report, patches, force=True, progress=False)
+                        report = pruner.plan(k, fixed=fixed)
+                        write_plan(args.model, path, report, force=True, progress=False)
                         write_text_atomic(out / f"{name}-k{k}.report.json", json.dumps(report.to_dict(), indent=1) + "\n")
                         print(f"{name} k={k}: layers {report.layers}, patched {report.patched}, "
                               f"{report.seconds['total']:.1f} s", flush=True)

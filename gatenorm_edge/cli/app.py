@@ -12,6 +12,7 @@ from types import FrameType
 import typer
 
 from ..errors import GatenormError
+from ..options import CACHE_TYPES
 
 app = typer.Typer(
     name="gatenorm-edge",
@@ -40,6 +41,13 @@ def fail(message: str) -> None:
 def choices(name: str, values: Sequence[str]) -> type[Enum]:
     """The one way options take a choice: an Enum of strings, which ``--help`` lists and parsing enforces."""
     return Enum(name, [(value, value) for value in values], type=str)
+
+
+CacheType = choices("CacheType", CACHE_TYPES)
+CACHE_TYPE_HELP = (
+    "KV-cache type for K and V (llama.cpp's -ctk/-ctv): f16 (llama.cpp's default), q8_0 or q4_0; quantized ones "
+    "need flash attention and are often the cheapest speed at depth."
+)
 
 
 def chosen(value: Enum | None) -> str | None:

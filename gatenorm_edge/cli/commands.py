@@ -1,3 +1,3 @@
 """Import every command module so that each registers its subcommands on the app."""
 
-from . import measure, passkey, prune, score, study, zeroshot  # noqa: F401
+from . import frontier, measure, passkey, prune, score, study, zeroshot  # noqa: F401

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..options import comma_ints
-from .app import app, check_output_folders
+from .app import CACHE_TYPE_HELP, CacheType, app, check_output_folders, chosen
 
 FLASH_HELP = "Flash attention (default on, as llama-perplexity on CPU; off pads every layer's V cache to the widest)."
 
@@ -19,6 +19,7 @@ def ppl(
     ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-perplexity -c)."),
     chunks: int | None = typer.Option(None, "--chunks", help="Evaluate only the first N chunks (default: all)."),
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help=FLASH_HELP),
+    cache_type: CacheType = typer.Option("f16", "--cache-type", help=CACHE_TYPE_HELP),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores available)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON."),
 ) -> None:
@@ -33,12 +34,17 @@ def ppl(
       gatenorm-edge ppl SmolLM2-135M-Instruct.Q4_1.gguf --text wiki.test.raw
 
       gatenorm-edge ppl pruned.gguf --text wiki.test.raw --ctx 512 --chunks 20 --json ppl.json
+
+      gatenorm-edge ppl windowed.gguf --text wiki.test.raw --ctx 4096 --chunks 5 --cache-type q8_0
     """
     from ..harness.perplexity import perplexity
     from ..report import perplexity_markdown, write_json
 
     check_output_folders(json_path)
-    result = perplexity(model, text, ctx=ctx, chunks=chunks, progress=True, flash_attn=flash_attn, n_threads=threads)
+    result = perplexity(
+        model, text, ctx=ctx, chunks=chunks, progress=True, flash_attn=flash_attn, n_threads=threads,
+        cache_type=chosen(cache_type),
+    )
     typer.echo(perplexity_markdown(result))
     if json_path is not None:
         write_json(json_path, result)
@@ -57,6 +63,10 @@ def bench(
     ),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores available)."),
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help=FLASH_HELP),
+    cache_type: CacheType = typer.Option("f16", "--cache-type", help=CACHE_TYPE_HELP + " Applies to MODEL and to --vs."),
+    vs_cache_type: CacheType | None = typer.Option(
+        None, "--vs-cache-type", help="A KV-cache type for --vs alone, e.g. a pruned file with q8_0 against the base's f16."
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON."),
 ) -> None:
     """Prompt-processing and generation speed, load time, KV-cache bytes and peak RSS, as llama-bench.
@@ -74,6 +84,8 @@ def bench(
       gatenorm-edge bench base.gguf --vs pruned.gguf --depth 0,4096 --reps 5 --json speed.json
 
       gatenorm-edge bench base.gguf --vs pruned.gguf --depth 4096 --reps 2 --processes 5
+
+      gatenorm-edge bench base.gguf --vs base.gguf --vs-cache-type q8_0 --depth 4096
     """
     from ..harness.speed import BenchSettings, bench as bench_models
     from ..report import bench_markdown, write_json
@@ -82,10 +94,11 @@ def bench(
     check_output_folders(json_path)
     settings = BenchSettings(
         prompt=prompt, gen=gen, depths=tuple(comma_ints("--depth", depth, "0,4096")), reps=reps, processes=processes,
-        threads=threads, flash_attn=flash_attn,
+        threads=threads, flash_attn=flash_attn, cache_type=chosen(cache_type),
     )
     models = [model] if vs is None else [model, vs]
-    result = bench_models(models, settings, progress=True)
+    caches = [settings.cache_type, chosen(vs_cache_type) or settings.cache_type][: len(models)]
+    result = bench_models(models, settings, progress=True, cache_types=caches)
     attach_prediction(result)
     typer.echo(bench_markdown(result))
     if json_path is not None:
@@ -106,6 +119,7 @@ def compare(
     reps: int = typer.Option(5, "--reps", help="Repetitions per speed test."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores available)."),
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help=FLASH_HELP),
+    cache_type: CacheType = typer.Option("f16", "--cache-type", help=CACHE_TYPE_HELP + " Applies to both models."),
     md_path: Path | None = typer.Option(None, "--md", help="Also write the table as Markdown."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write everything as JSON."),
     zeroshot: str | None = typer.Option(None, "--zeroshot", help="Also zero-shot accuracy on these tasks (see `zeroshot`)."),
@@ -149,13 +163,13 @@ def compare(
         check_context(base, context)
     settings = BenchSettings(prompt=prompt, gen=gen, depths=tuple(comma_ints("--depth", depth, "0,4096")), reps=reps) if speed else None
     result = compare_models(
-        base, pruned, text, ctx=ctx, chunks=chunks, flash_attn=flash_attn, n_threads=threads, speed=settings,
-        progress=True,
+        base, pruned, text, ctx=ctx, chunks=chunks, flash_attn=flash_attn, n_threads=threads,
+        cache_type=chosen(cache_type), speed=settings, progress=True,
     )
     if long:
         result.long_context = long_context(
             base, pruned, text, contexts, chunks=long_chunks, trials=long_trials, flash_attn=flash_attn,
-            n_threads=threads, progress=True,
+            n_threads=threads, cache_type=chosen(cache_type), progress=True,
         )
     if result.speed is not None:
         attach_prediction(result.speed)

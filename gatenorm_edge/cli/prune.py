@@ -8,13 +8,17 @@ from typing import Any, Optional
 import typer
 
 from ..errors import GatenormError
-from ..options import AUTO, CRITERIA, DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, MODES, SELF, VARIANTS
-from .app import app, check_output_folders, choices, chosen
+from ..options import (
+    AUTO, CALIB_SOURCES, CRITERIA, DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, DEFAULT_SELF_TOKENS,
+    DEFAULT_WINDOW, MODES, SELF, VARIANTS,
+)
+from .app import CacheType, app, check_output_folders, choices, chosen
 
 Variant = choices("Variant", VARIANTS)
 Criterion = choices("Criterion", (SELF, *CRITERIA))
 Mode = choices("Mode", MODES)
 Metric = choices("Metric", ("tg", "pp"))
+CalibSource = choices("CalibSource", CALIB_SOURCES)
 
 
 @app.command(
@@ -24,6 +28,8 @@ Metric = choices("Metric", ("tg", "pp"))
         "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --criterion per-head --mode drop\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --calib my-own-text.txt --json result.json\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --speedup 1.2 --depth 8192\n\n"
+        "  gatenorm-edge prune model.gguf windowed.gguf --count 8 --mode window --window 512\n\n"
+        "  gatenorm-edge prune model.gguf windowed.gguf --speedup 1.3 --depth 8192 --mode window --cache-type q8_0\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --kv-budget 256M --ctx 32768\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --layers 12,20,25\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --plan scores.json --count 4\n\n"
@@ -33,7 +39,7 @@ Metric = choices("Metric", ("tg", "pp"))
 )
 def prune(
     model: Path = typer.Argument(..., help="Input GGUF (llama, qwen2, or an already pruned deci file)."),
-    out: Path = typer.Argument(..., help="Output GGUF (deci architecture)."),
+    out: Path = typer.Argument(..., help="Output GGUF (deci architecture; granite_swa with --mode window)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers to make attention-free."),
     count: Optional[int] = typer.Option(
         None, "--count",
@@ -57,7 +63,14 @@ def prune(
         None, "--mode",
         help="auto (default with --count alone): a validated linear patch where it beats dropping, else drop; "
         "drop (default otherwise): no attention; fold-vo: alpha*W_O*W_V; linear: least-squares linear attention "
-        "fitted on --calib.",
+        "fitted on --calib; window: the layers keep attention but see only the last --window tokens, with sink "
+        "logits fitted on the model's own samples (llama.cpp's granite_swa; its cost stops growing with depth).",
+    ),
+    window: int = typer.Option(DEFAULT_WINDOW, "--window", help="window: how many recent tokens a windowed layer sees."),
+    cache_type: CacheType = typer.Option(
+        "f16", "--cache-type",
+        help="--speedup/--kv-budget: the KV-cache type the file will run with (llama.cpp's -ctk/-ctv); speedups stay "
+        "over the model with llama.cpp's default f16 cache, so a quantized cache's own gain counts.",
     ),
     alpha: float = typer.Option(1.0, "--alpha", help="fold-vo scale (data-free default 1.0)."),
     alpha_search: Optional[Path] = typer.Option(
@@ -68,8 +81,23 @@ def prune(
         help="auto: calibrate on this text instead of text sampled from the model; linear: the calibration text "
         "(keep it apart from evaluation text).",
     ),
-    seed: int = typer.Option(0, "--seed", help="auto: the seed of the self-sampled calibration text."),
-    calib_tokens: int = typer.Option(DEFAULT_CALIB_TOKENS, "--calib-tokens", help="linear: calibration tokens."),
+    seed: int = typer.Option(0, "--seed", help="auto, window: the seed of the self-sampled calibration text."),
+    calib_source: CalibSource = typer.Option(
+        "mix", "--calib-source",
+        help="auto, window: what the model's own calibration text is sampled from: bos (the beginning-of-text token "
+        "alone), starts (the first words of many kinds of text), chat (requests for many kinds of text, through the "
+        "model's chat template), or mix (the three in turn; without a chat template, bos and starts).",
+    ),
+    calib_tokens: Optional[int] = typer.Option(
+        None, "--calib-tokens",
+        help=f"Calibration tokens: auto sampled (default {DEFAULT_SELF_TOKENS}); linear cut from --calib "
+        f"(default {DEFAULT_CALIB_TOKENS}).",
+    ),
+    calib_temperature: float = typer.Option(1.0, "--calib-temperature", help="auto, window: sampling temperature."),
+    calib_top_p: float = typer.Option(1.0, "--calib-top-p", help="auto, window: the top-p nucleus sampled from (1: all)."),
+    calib_drop: float = typer.Option(
+        0.0, "--calib-drop", help="auto, window: the share of samples the model finds least likely, sampled extra and dropped."
+    ),
     calib_ctx: int = typer.Option(DEFAULT_CALIB_CTX, "--calib-ctx", help="linear: tokens per calibration sequence."),
     ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", help="linear: ridge, relative to the mean input energy."),
     speedup: Optional[float] = typer.Option(
@@ -88,44 +116,54 @@ def prune(
         "calibration text stays within this.",
     ),
 ) -> None:
-    """Rewrite MODEL so the chosen layers run without attention in stock llama.cpp (deci architecture).
+    """Rewrite MODEL so the chosen layers run without attention, or windowed, in stock llama.cpp.
 
-    Patched layers become deci linear attention (x + W·attn_norm(x), one n_embd x n_embd matrix per
-    layer, no KV cache); the others are attention-free.
+    Removed layers are attention-free (deci architecture); patched ones become deci linear attention
+    (x + W·attn_norm(x), one n_embd x n_embd matrix per layer, no KV cache). With --mode window the file
+    becomes granite_swa: the chosen layers keep attention over the last --window tokens only, with a
+    fitted attention-sink logit per head, and their KV cache stops growing past the window.
     """
+    from ..chooser import WINDOW, prune_model
+    from ..harness.selfcal import DEFAULT_SEQ_LEN, CalibrationSpec, Sampling
     from ..criteria import choose_layers
     from ..recovery import check_recovery_options, prune_with_recovery
     from ..report import prune_markdown, write_json
-    from ..selfprune import self_prune
 
     check_output_folders(json_path)
     variant, criterion, mode = chosen(variant), chosen(criterion), chosen(mode)
     targets = [name for name, given in (("--speedup", speedup), ("--kv-budget", kv_budget), ("--max-kld", max_kld)) if given is not None]
+    budget = None
     if targets:
-        budget = budget_from_options(model, targets, layers, count, plan, criterion, mode, speedup, depth,
-                                     chosen(metric), kv_budget, ctx, max_kld)
-        result, report = self_prune(model, out, None, budget=budget, calib=calib, recover=mode != "drop", seed=seed,
-                                    force=force, progress=True)
-        if json_path is not None:
-            write_json(json_path, result.to_dict() | {"selfprune": report.to_dict(), "predicted": report.predicted})
-        typer.echo(prune_markdown(result, model, out, selfprune_summary(report)))
-        return
-    picked, provenance = choose_layers(model, layers, count, variant, plan, criterion, criterion_text, criterion_chunks)
-    mode = mode or (AUTO if picked is None else "drop")
-    check_recovery_options(mode, alpha, alpha_search, calib)
-    details: dict[str, Any] = {}
-    if mode == AUTO or picked is None:
-        if mode not in (AUTO, "drop"):
-            raise GatenormError(f"--criterion self goes with --mode auto or drop, not {mode}")
-        result, report = self_prune(
-            model, out, count, calib=calib, fixed=picked, recover=mode == AUTO, seed=seed, force=force, progress=True
+        budget = budget_from_options(targets, layers, count, plan, criterion, mode, speedup, depth, chosen(metric),
+                                     kv_budget, ctx, max_kld, chosen(cache_type))
+    elif chosen(cache_type) != "f16":
+        raise GatenormError("--cache-type goes with --speedup or --kv-budget (the file itself has no cache type)")
+    if targets or mode == WINDOW:
+        if mode == WINDOW and (layers is not None or plan is not None or criterion not in (None, SELF)):
+            raise GatenormError("--mode window chooses its own layers: give it --count K or a target, not --layers, --plan or --criterion")
+        picked = None
+    else:
+        picked, provenance = choose_layers(model, layers, count, variant, plan, criterion, criterion_text, criterion_chunks)
+        mode = mode or (AUTO if picked is None else "drop")
+        check_recovery_options(mode, alpha, alpha_search, calib)
+    if budget is not None or mode == WINDOW or mode == AUTO or picked is None:
+        if mode not in (None, AUTO, "drop", WINDOW):
+            raise GatenormError(f"--criterion self goes with --mode auto, drop or window, not {mode}")
+        result, report, note = prune_model(
+            model, out, mode=mode or AUTO, count=count, budget=budget, window=window if mode == WINDOW else None,
+            calib=calib, fixed=picked, force=force, progress=True,
+            spec=CalibrationSpec(chosen(calib_source), calib_tokens or DEFAULT_SELF_TOKENS, DEFAULT_SEQ_LEN,
+                                 Sampling(calib_temperature, calib_top_p, calib_drop), seed),
         )
-        details = {"selfprune": report.to_dict()}
-        summary = selfprune_summary(report)
+        key = "windows" if mode == WINDOW else "selfprune"
+        details = {key: report.to_dict()} | ({"predicted": report.predicted} if budget is not None else {})
+        summary = window_summary(report) if mode == WINDOW else selfprune_summary(report)
+        if note is not None:
+            typer.echo(note, err=True)
     else:
         result, recovery = prune_with_recovery(
             model, out, picked, mode, alpha=alpha, alpha_search_text=alpha_search, calib_text=calib,
-            calib_tokens=calib_tokens, calib_ctx=calib_ctx, ridge=ridge, force=force, provenance=provenance, progress=True,
+            calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, calib_ctx=calib_ctx, ridge=ridge, force=force, provenance=provenance, progress=True,
         )
         details = {"recovery": recovery.to_dict()}
         summary = [("mode", mode + (f", alpha {recovery.alpha}" if recovery.alpha is not None else "")),
@@ -137,20 +175,37 @@ def prune(
 
 def selfprune_summary(report: Any) -> list[tuple[str, Any]]:
     """The rows the table adds for the data-free default's decisions."""
-    rows = [("calibration", f"{report.calibration.tokens} tokens, {report.calibration.source}"),
+    settings = report.calibration.settings
+    prompts = f" from {settings['prompts']}" if "prompts" in settings else ""
+    rows = [("calibration", f"{report.calibration.tokens} tokens, {report.calibration.source}{prompts}"
+             + (f" ({settings['prompts_note']})" if "prompts_note" in settings else "")),
             ("vetoed (critical) layers", ", ".join(map(str, report.vetoed)) or "none"),
             ("picked (lowest held-out KLD)", report.picked),
             ("seconds (whole pipeline)", f"{report.seconds['total']:.1f}")]
-    if report.predicted:
-        rows += [(f"predicted {key.replace('_', ' ')}", f"{value:.3f}x" if "speedup" in key else f"{value:,}")
-                 for key, value in report.predicted.items()]
-    return rows
+    return rows + predicted_rows(report.predicted)
+
+
+def window_summary(report: Any) -> list[tuple[str, Any]]:
+    """The rows the table adds for windowed layers."""
+    rows = [("window", f"{report.window} tokens"),
+            ("calibration", f"{report.calibration['tokens']} tokens, {report.calibration['source']}"),
+            ("held-out KLD (windowed vs full)", f"{report.kld:.4f}"),
+            ("seconds (whole pipeline)", f"{report.seconds['total']:.1f}")]
+    return rows + predicted_rows(report.predicted)
+
+
+def predicted_rows(predicted: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """A budget's prediction: speedups as ratios, the KV bytes, the cache type."""
+    if not predicted:
+        return []
+    return [(f"predicted {key.replace('_', ' ')}", f"{value:.3f}x" if "speedup" in key else
+             f"{value:,}" if isinstance(value, int) else value) for key, value in predicted.items()]
 
 
 def budget_from_options(
-    model: Path, targets: list[str], layers: str | None, count: int | None, plan: Path | None, criterion: str | None,
+    targets: list[str], layers: str | None, count: int | None, plan: Path | None, criterion: str | None,
     mode: str | None, speedup: float | None, depth: int, metric: str, kv_budget: str | None, ctx: int | None,
-    max_kld: float | None,
+    max_kld: float | None, cache_type: str,
 ) -> Any:
     """The ``Budget`` the target options ask for; one-line errors for options that cannot go with a target."""
     from ..budget import Budget, parse_size
@@ -158,10 +213,12 @@ def budget_from_options(
     others = [name for name, given in (("--count", count), ("--layers", layers), ("--plan", plan)) if given is not None]
     if others:
         raise GatenormError(f"{targets[0]} chooses how many layers to remove: give it without {' or '.join(others)}")
-    if criterion not in (None, SELF) or mode not in (None, AUTO, "drop"):
-        raise GatenormError(f"{targets[0]} takes layers in the data-free default's order (--criterion self, --mode auto or drop)")
+    if criterion not in (None, SELF) or mode not in (None, AUTO, "drop", "window"):
+        raise GatenormError(
+            f"{targets[0]} takes layers in the data-free default's order (--criterion self, --mode auto, drop or window)"
+        )
     size = parse_size(kv_budget) if kv_budget is not None else None
-    return Budget(speedup=speedup, depth=depth, metric=metric, kv_budget=size, ctx=ctx, max_kld=max_kld)
+    return Budget(speedup=speedup, depth=depth, metric=metric, kv_budget=size, ctx=ctx, max_kld=max_kld, cache_type=cache_type)
 
 
 @app.command(

@@ -38,7 +38,8 @@ def score(
 
       gatenorm-edge score ./Llama-2-13b-hf --variant folded --plot scores.png
     """
-    from ..report import prune_order_line, require_matplotlib, save_score_plot, score_markdown, write_json
+    from ..plots import require_matplotlib, save_score_plot
+    from ..report import prune_order_line, score_markdown, write_json
     from ..scoring import score_model
 
     check_output_folders(json_path, plot)

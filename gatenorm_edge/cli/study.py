@@ -39,7 +39,8 @@ def study(
 
     Ranks the layers by every criterion (data-driven ones on calibration chunks), removes each criterion's first k layers for every k (prune_gguf into a temporary folder) and evaluates the pruned model in llama.cpp with flash attention on: perplexity (llama-perplexity's method) and KL divergence from the base model, on the same chunks. Also prints each criterion's scoring time, its Spearman rho against loo-ppl, and each data-free criterion's PPL relative to greedy-ppl. See docs/study.md.
     """
-    from ..report import require_matplotlib, save_study_plots, study_markdown, write_json
+    from ..plots import require_matplotlib, save_study_plots
+    from ..report import study_markdown, write_json
     from ..study import run_study
 
     check_output_folders(json_path)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..inspection import AttentionCost, attention_cost, cost_dict
+from ..options import DEFAULT_CACHE_TYPE
 from ..sources import GGUFFile
 from .kld import DivergenceResult, kl_divergence
 from .passkey import PasskeyResult, passkey
@@ -56,12 +57,13 @@ class CompareResult:
     seconds: float
     zeroshot: list[ZeroShotRow] | None = None
     long_context: list[LongContext] | None = None
+    cache_type: str = DEFAULT_CACHE_TYPE
 
     def to_dict(self) -> dict[str, Any]:
         d = self.divergence
         data = {
             "base": self.base, "pruned": self.pruned, "text": self.text, "text_label": self.text_label,
-            "flash_attn": self.flash_attn, "file_bytes": self.file_bytes,
+            "flash_attn": self.flash_attn, "cache_type": self.cache_type, "file_bytes": self.file_bytes,
             "attention_cost": {"base": cost_dict(self.base_cost), "pruned": cost_dict(self.pruned_cost)},
             "perplexity": {"base": d.base.to_dict(), "pruned": d.other.to_dict()},
             "kld": {key: getattr(d, key) for key in KLD_KEYS},
@@ -82,21 +84,23 @@ def compare(
     chunks: int | None = None,
     flash_attn: bool = True,
     n_threads: int | None = None,
+    cache_type: str = DEFAULT_CACHE_TYPE,
     speed: BenchSettings | None = BenchSettings(),
     text_label: str | None = None,
     progress: bool = False,
 ) -> CompareResult:
     """Both models on the same text (and, unless ``speed`` is None, benchmarked interleaved).
 
-    ``flash_attn`` and ``n_threads`` apply to the perplexity pass and the benchmark alike.
+    ``flash_attn``, ``cache_type`` and ``n_threads`` apply to the perplexity pass and the benchmark alike.
     """
     started = time.perf_counter()
     divergence = kl_divergence(
-        base, pruned, text, ctx=ctx, chunks=chunks, progress=progress, flash_attn=flash_attn, n_threads=n_threads
+        base, pruned, text, ctx=ctx, chunks=chunks, progress=progress, flash_attn=flash_attn, n_threads=n_threads,
+        cache_type=cache_type,
     )
     speed_result = None
     if speed is not None:
-        settings = dataclasses.replace(speed, flash_attn=flash_attn, threads=n_threads or speed.threads)
+        settings = dataclasses.replace(speed, flash_attn=flash_attn, threads=n_threads or speed.threads, cache_type=cache_type)
         speed_result = bench([base, pruned], settings, progress=progress)
     return CompareResult(
         base=str(base),
@@ -104,6 +108,7 @@ def compare(
         text=str(text),
         text_label=text_label or Path(text).name,
         flash_attn=flash_attn,
+        cache_type=cache_type,
         file_bytes={"base": GGUFFile(base).nbytes, "pruned": GGUFFile(pruned).nbytes},
         base_cost=attention_cost(base),
         pruned_cost=attention_cost(pruned),
@@ -123,14 +128,17 @@ def long_context(
     trials: int = 10,
     flash_attn: bool = True,
     n_threads: int | None = None,
+    cache_type: str = DEFAULT_CACHE_TYPE,
     progress: bool = False,
 ) -> list[LongContext]:
     """What short tests miss: PPL and KLD at each long context, and pass-key retrieval there, for both models."""
     rows = []
     for ctx in contexts:
         divergence = kl_divergence(
-            base, pruned, text, ctx=ctx, chunks=chunks, progress=progress, flash_attn=flash_attn, n_threads=n_threads
+            base, pruned, text, ctx=ctx, chunks=chunks, progress=progress, flash_attn=flash_attn, n_threads=n_threads,
+            cache_type=cache_type,
         )
-        keys = [passkey(path, ctx, trials, flash_attn=flash_attn, n_threads=n_threads, progress=progress) for path in (base, pruned)]
+        keys = [passkey(path, ctx, trials, flash_attn=flash_attn, n_threads=n_threads, cache_type=cache_type,
+                        progress=progress) for path in (base, pruned)]
         rows.append(LongContext(ctx, divergence, *keys))
     return rows

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .logprobs import log_softmax, row_blocks, stderr_of_mean
+from ..options import DEFAULT_CACHE_TYPE
 from .perplexity import NllStats, PerplexityResult, chunk_logits, models_on_text
 from ..progress import progress_bar
 
@@ -105,11 +106,12 @@ def kl_divergence(
     *,
     flash_attn: bool = True,
     n_threads: int | None = None,
+    cache_type: str = DEFAULT_CACHE_TYPE,
 ) -> DivergenceResult:
     """Evaluate both models on the same chunks of ``text``: PPL of each, KLD of ``other`` from ``base``."""
     started = time.perf_counter()
     paths = [base_path, other_path]
-    with models_on_text(paths, text, ctx, chunks, flash_attn, n_threads) as ([base, other], tokens, n_chunks):
+    with models_on_text(paths, text, ctx, chunks, flash_attn, n_threads, cache_type) as ([base, other], tokens, n_chunks):
         totals = DivergenceTotals()
         with progress_bar(f"KLD {Path(other_path).name}", n_chunks, progress) as tick:
             for index in range(n_chunks):
@@ -121,8 +123,8 @@ def kl_divergence(
     seconds = time.perf_counter() - started
 
     return DivergenceResult(
-        base=PerplexityResult.from_stats(base_path, text, ctx, n_chunks, totals.base, seconds, flash_attn),
-        other=PerplexityResult.from_stats(other_path, text, ctx, n_chunks, totals.other, seconds, flash_attn),
+        base=PerplexityResult.from_stats(base_path, text, ctx, n_chunks, totals.base, seconds, flash_attn, cache_type),
+        other=PerplexityResult.from_stats(other_path, text, ctx, n_chunks, totals.other, seconds, flash_attn, cache_type),
         tokens=int(kld.size),
         kld_mean=float(kld.mean()),
         kld_stderr=stderr_of_mean(kld),

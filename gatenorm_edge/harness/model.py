@@ -20,12 +20,16 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from ..errors import GatenormError
+from ..options import CACHE_TYPES, DEFAULT_CACHE_TYPE
 from ..sources.geometry import ModelGeometry
 from ..sources import GGUFFile
 
 DEFAULT_BATCH = 2048  # llama-perplexity's and llama-bench's default n_batch
 DEFAULT_UBATCH = 512  # their default n_ubatch
+SWA_PAGE = 256  # llama.cpp sizes a sliding-window cache in whole pages of this many cells
 KV_SIZE_LINE = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB")
 
 _log_chunks: deque[str] = deque(maxlen=4000)
@@ -61,15 +65,52 @@ def check_training_context(gguf: GGUFFile, tokens: int, what: str = "context") -
         raise GatenormError(f"{what} {tokens} exceeds {Path(gguf.path).name}'s training context of {trained} tokens")
 
 
+def cache_ggml_type(cache_type: str) -> GGMLQuantizationType:
+    """The ggml type of a KV-cache type name (``options.CACHE_TYPES``)."""
+    return GGMLQuantizationType[cache_type.upper()]
+
+
+def check_cache_type(cache_type: str, flash_attn: bool, gguf: GGUFFile | None = None) -> None:
+    """A KV-cache type llama.cpp can make here: a known one, flash attention for a quantized V, whole blocks per head."""
+    if cache_type not in CACHE_TYPES:
+        raise GatenormError(f"--cache-type is one of {', '.join(CACHE_TYPES)}, not {cache_type!r}")
+    if cache_type != DEFAULT_CACHE_TYPE and not flash_attn:
+        raise GatenormError(f"a {cache_type} KV cache needs flash attention on: llama.cpp quantizes V only with it")
+    block = GGML_QUANT_SIZES[cache_ggml_type(cache_type)][0]
+    head_dim = None if gguf is None else ModelGeometry.from_gguf(gguf).head_dim
+    if head_dim is not None and head_dim % block:
+        raise GatenormError(
+            f"a {cache_type} KV cache stores blocks of {block} numbers, which do not divide "
+            f"{Path(gguf.path).name}'s head size of {head_dim}"
+        )
+
+
+def cache_type_fits(path: Path | str, cache_type: str, flash_attn: bool = True) -> bool:
+    """Whether llama.cpp can give ``path`` a ``cache_type`` KV cache (``check_cache_type`` passes)."""
+    try:
+        check_cache_type(cache_type, flash_attn, GGUFFile(path))
+    except GatenormError:
+        return False
+    return True
+
+
 class LoadedModel(llama_cpp.Llama):
-    """A ``llama_cpp.Llama`` plus what loading it reported (time, KV-cache bytes) and batch decoding."""
+    """A ``llama_cpp.Llama`` plus what loading it reported (time, KV-cache bytes) and batch decoding.
+
+    A file with sliding-window layers (granite_swa) gets llama.cpp's small SWA cache (``swa_full`` off, as
+    llama-bench and llama-perplexity have it): without that, llama-cpp-python gives every layer a full cache.
+    """
 
     def __init__(
-        self, gguf: GGUFFile, *, n_ctx: int, flash_attn: bool, logits_all: bool, n_threads: int
+        self, gguf: GGUFFile, *, n_ctx: int, flash_attn: bool, logits_all: bool, n_threads: int,
+        cache_type: str = DEFAULT_CACHE_TYPE,
     ) -> None:
         path = gguf.path
         self.path = path
         self.flash_attn = flash_attn
+        self.cache_type = cache_type
+        self.geometry = geometry = ModelGeometry.from_gguf(gguf)
+        kv_type = int(cache_ggml_type(cache_type))
         n_batch = min(n_ctx, DEFAULT_BATCH)
         _log_chunks.clear()
         started = time.perf_counter()
@@ -83,6 +124,9 @@ class LoadedModel(llama_cpp.Llama):
                 n_threads_batch=n_threads,
                 flash_attn=flash_attn,
                 logits_all=logits_all,
+                swa_full=False if geometry.windowed else None,
+                type_k=kv_type,
+                type_v=kv_type,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
@@ -90,7 +134,9 @@ class LoadedModel(llama_cpp.Llama):
             reason = errors[-1].strip() if errors else str(exc)
             raise GatenormError(f"{path}: llama.cpp cannot load it ({reason})") from None
         self.load_seconds = time.perf_counter() - started
-        self.kv_bytes = kv_cache_bytes(gguf, int(llama_cpp.llama_n_ctx(self.ctx)), flash_attn, llama_log_lines())
+        self.kv_bytes = kv_cache_bytes(
+            geometry, int(llama_cpp.llama_n_ctx(self.ctx)), flash_attn, cache_type, int(self.context_params.n_ubatch), llama_log_lines()
+        )
         self.vocab_size = self.n_vocab()
         vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.bos_token = int(llama_cpp.llama_vocab_bos(vocab)) if llama_cpp.llama_vocab_get_add_bos(vocab) else None
@@ -167,38 +213,49 @@ class LoadedModel(llama_cpp.Llama):
         self.n_tokens = n_tokens
 
 
-def derived_kv_bytes(gguf: GGUFFile, cells: int, flash_attn: bool) -> int:
-    """KV-cache bytes llama.cpp allocates for ``cells`` positions (f16 K and V), from the GGUF metadata.
+def geometry_kv_bytes(
+    g: ModelGeometry, cells: int, flash_attn: bool, removed: Collection[int] = (), *,
+    cache_type: str = DEFAULT_CACHE_TYPE, windowed: Collection[int] | None = None, window: int | None = None,
+    ubatch: int = DEFAULT_UBATCH,
+) -> int:
+    """KV-cache bytes llama.cpp allocates for ``cells`` positions, from the geometry alone.
 
-    Per layer: cells x n_head_kv x head size x 2 bytes, for K and for V; a layer with 0 KV heads
-    (attention-free) costs nothing. Head sizes come from layer 0, as llama.cpp takes them. Without
-    flash attention llama.cpp stores V transposed and pads every layer's V, attention-free ones
-    included, to the widest layer.
+    Per layer: cells x n_head_kv x head size, in the cache type's row size, for K and for V; a layer with
+    0 KV heads (attention-free, or ``removed``) costs nothing. Head sizes come from layer 0, as llama.cpp
+    takes them. Without flash attention llama.cpp stores V transposed and pads every layer's V,
+    attention-free ones included, to the widest layer. A windowed layer (``windowed``, default the file's
+    own) holds the window and one micro-batch of ``ubatch`` tokens, in whole pages of 256 cells, never more
+    than ``cells``.
     """
-    return geometry_kv_bytes(ModelGeometry.from_gguf(gguf), cells, flash_attn)
-
-
-def geometry_kv_bytes(g: ModelGeometry, cells: int, flash_attn: bool, removed: Collection[int] = ()) -> int:
-    """``derived_kv_bytes`` of a geometry whose ``removed`` layers are also attention-free."""
+    windowed = g.windowed if windowed is None else windowed
+    window = g.window if window is None else window
+    block, type_size = GGML_QUANT_SIZES[cache_ggml_type(cache_type)]
     kv_heads = [0 if layer in removed else n for layer, n in enumerate(g.head_count_kv)]
     k_widths = [n * g.head_dim for n in kv_heads]
     v_widths = [n * g.value_dim for n in kv_heads]
     if not flash_attn:
         v_widths = [max(v_widths)] * g.n_layers
-    return 2 * cells * (sum(k_widths) + sum(v_widths))
+    swa_cells = min(cells, -(-(window + ubatch) // SWA_PAGE) * SWA_PAGE) if windowed else cells
+    total = 0
+    for layer in range(g.n_layers):
+        layer_cells = swa_cells if layer in windowed else cells
+        total += layer_cells * (k_widths[layer] + v_widths[layer]) // block * type_size
+    return total
 
 
-def kv_cache_bytes(gguf: GGUFFile, cells: int, flash_attn: bool, log_lines: list[str]) -> int | None:
-    """The KV-cache size llama.cpp reported (``llama_kv_cache: size = X MiB``), to the byte.
+def kv_cache_bytes(
+    g: ModelGeometry, cells: int, flash_attn: bool, cache_type: str, ubatch: int, log_lines: list[str]
+) -> int | None:
+    """The KV-cache size llama.cpp reported (``llama_kv_cache: size = X MiB``, one line per cache), to the byte.
 
-    llama.cpp prints MiB with two decimals; when the metadata-derived size agrees within that rounding
-    it is the exact figure, otherwise (caches we do not model, e.g. sliding-window) the printed one.
+    llama.cpp prints MiB with two decimals; when the geometry-derived size agrees within that rounding
+    it is the exact figure, otherwise (caches we do not model) the printed one.
     """
     reported = [float(match[1]) for line in log_lines if (match := KV_SIZE_LINE.search(line))]
     if not reported:
         return None
     try:
-        derived = derived_kv_bytes(gguf, cells, flash_attn)
+        derived = geometry_kv_bytes(g, cells, flash_attn, cache_type=cache_type, ubatch=ubatch)
     except (GatenormError, TypeError, ValueError, ZeroDivisionError):
         derived = None
     printed = sum(reported) * 2**20
@@ -215,17 +272,21 @@ def open_model(
     flash_attn: bool = True,
     logits_all: bool = False,
     n_threads: int | None = None,
+    cache_type: str = DEFAULT_CACHE_TYPE,
 ) -> LoadedModel:
     """Load a GGUF in llama.cpp with its log silenced; one-line errors for bad files and contexts.
 
     ``flash_attn`` True forces flash attention on (llama-perplexity's CPU default resolves to on);
     without it llama.cpp pads every layer's V cache to the widest layer, hiding attention-free layers.
+    ``cache_type`` is the KV cache's type for K and V (llama.cpp's ``-ctk``/``-ctv``).
     """
     path = Path(path)
     gguf = GGUFFile(path)
     if n_ctx < 1:
         raise GatenormError(f"context size must be positive, got {n_ctx}")
     check_training_context(gguf, n_ctx)
+    check_cache_type(cache_type, flash_attn, gguf)
     return LoadedModel(
-        gguf, n_ctx=n_ctx, flash_attn=flash_attn, logits_all=logits_all, n_threads=n_threads or default_threads()
+        gguf, n_ctx=n_ctx, flash_attn=flash_attn, logits_all=logits_all, n_threads=n_threads or default_threads(),
+        cache_type=cache_type,
     )

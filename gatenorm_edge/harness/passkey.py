@@ -20,6 +20,7 @@ import llama_cpp
 import numpy as np
 
 from ..errors import GatenormError
+from ..options import DEFAULT_CACHE_TYPE
 from ..progress import progress_bar
 from ..sources import GGUFFile
 from .model import LoadedModel, check_training_context, open_model
@@ -55,6 +56,7 @@ class PasskeyResult:
     prompt_tokens: int
     seconds: float
     details: list[PasskeyTrial] = field(default_factory=list)
+    cache_type: str = DEFAULT_CACHE_TYPE
 
     @property
     def trials(self) -> int:
@@ -79,7 +81,8 @@ class PasskeyResult:
             "by_position": [
                 {"position": position, "accuracy": accuracy, "trials": n} for position, accuracy, n in self.by_position()
             ],
-            "flash_attn": self.flash_attn, "prompt_tokens": self.prompt_tokens, "seconds": self.seconds,
+            "flash_attn": self.flash_attn, "cache_type": self.cache_type, "prompt_tokens": self.prompt_tokens,
+            "seconds": self.seconds,
             "details": [asdict(trial) for trial in self.details],
         }
 
@@ -147,6 +150,7 @@ def passkey(
     seed: int = 0,
     flash_attn: bool = True,
     n_threads: int | None = None,
+    cache_type: str = DEFAULT_CACHE_TYPE,
     progress: bool = False,
 ) -> PasskeyResult:
     """Pass-key accuracy of the GGUF at ``model_path`` with prompts of about ``ctx`` tokens."""
@@ -157,9 +161,10 @@ def passkey(
     chooser = random.Random(seed)
     keys = [str(chooser.randint(10_000, 99_999)) for _ in range(trials)]
     started = time.perf_counter()
-    with contextlib.closing(open_model(model_path, n_ctx=ctx, flash_attn=flash_attn, n_threads=n_threads)) as model:
+    loaded = open_model(model_path, n_ctx=ctx, flash_attn=flash_attn, n_threads=n_threads, cache_type=cache_type)
+    with contextlib.closing(loaded) as model:
         parts = PromptParts.for_model(model, ctx)
-        result = PasskeyResult(str(model_path), ctx, flash_attn, 0, 0.0)
+        result = PasskeyResult(str(model_path), ctx, flash_attn, 0, 0.0, cache_type=cache_type)
         with progress_bar(f"passkey {model_path.name}, ctx {ctx}", trials, progress) as tick:
             for position in POSITIONS:
                 chosen = [i for i in range(trials) if POSITIONS[i % len(POSITIONS)] == position]

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import GatenormError
 from ..fileio import proc_bytes
+from ..options import DEFAULT_CACHE_TYPE
 from .model import LoadedModel, open_model
 from ..progress import progress_bar
 from .logprobs import token_nll
@@ -70,17 +71,19 @@ class PerplexityResult:
     ppl_stderr: float
     seconds: float
     flash_attn: bool
+    cache_type: str = DEFAULT_CACHE_TYPE
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_stats(
-        cls, model: Path | str, text: Path | str, ctx: int, chunks: int, stats: NllStats, seconds: float, flash_attn: bool
+        cls, model: Path | str, text: Path | str, ctx: int, chunks: int, stats: NllStats, seconds: float,
+        flash_attn: bool, cache_type: str,
     ) -> PerplexityResult:
         return cls(
             model=str(model), text=str(text), ctx=ctx, chunks=chunks, tokens_scored=stats.count,
-            ppl=stats.ppl, ppl_stderr=stats.ppl_stderr, seconds=seconds, flash_attn=flash_attn,
+            ppl=stats.ppl, ppl_stderr=stats.ppl_stderr, seconds=seconds, flash_attn=flash_attn, cache_type=cache_type,
         )
 
 
@@ -111,14 +114,16 @@ def chunk_logits(model: LoadedModel, tokens: np.ndarray, index: int, ctx: int) -
 
 @contextlib.contextmanager
 def models_on_text(
-    paths: Sequence[Path | str], text: Path | str, ctx: int, chunks: int | None, flash_attn: bool, n_threads: int | None
+    paths: Sequence[Path | str], text: Path | str, ctx: int, chunks: int | None, flash_attn: bool, n_threads: int | None,
+    cache_type: str = DEFAULT_CACHE_TYPE,
 ) -> Iterator[tuple[list[LoadedModel], np.ndarray, int]]:
     """The models at ``paths`` opened for chunks of ``ctx`` tokens, the tokens of ``text`` (the first model's
     tokenizer; the others must share its vocabulary) and the number of chunks to evaluate."""
     content = read_text(text)
     with contextlib.ExitStack() as stack:
         models = [
-            stack.enter_context(contextlib.closing(open_model(path, n_ctx=ctx, flash_attn=flash_attn, n_threads=n_threads)))
+            stack.enter_context(contextlib.closing(
+                open_model(path, n_ctx=ctx, flash_attn=flash_attn, n_threads=n_threads, cache_type=cache_type)))
             for path in paths
         ]
         first = models[0]
@@ -157,13 +162,16 @@ def perplexity(
     *,
     flash_attn: bool = True,
     n_threads: int | None = None,
+    cache_type: str = DEFAULT_CACHE_TYPE,
 ) -> PerplexityResult:
     """Perplexity of the GGUF at ``model_path`` on the UTF-8 text file ``text`` (llama-perplexity's method)."""
     started = time.perf_counter()
-    with models_on_text([model_path], text, ctx, chunks, flash_attn, n_threads) as ([model], tokens, n_chunks):
+    with models_on_text([model_path], text, ctx, chunks, flash_attn, n_threads, cache_type) as ([model], tokens, n_chunks):
         stats = NllStats()
         with progress_bar(f"perplexity {Path(model_path).name}", n_chunks, progress) as tick:
             for index in range(n_chunks):
                 stats.add(token_nll(*chunk_logits(model, tokens, index, ctx)))
                 tick(status=f"PPL {stats.ppl:.4f}")
-    return PerplexityResult.from_stats(model_path, text, ctx, n_chunks, stats, time.perf_counter() - started, flash_attn)
+    return PerplexityResult.from_stats(
+        model_path, text, ctx, n_chunks, stats, time.perf_counter() - started, flash_attn, cache_type
+    )

@@ -1,19 +1,20 @@
 """Calibration text every user has: sampled from the model itself, in parallel, seeded and cached.
 
-``sample_calibration`` starts one sequence per prompt of ``STARTS`` (prose of many kinds, dialogue, a
-letter, a recipe, an encyclopedia heading, a list, a little code and mathematics: varied, so that a coder
-model does not write only code), and samples all of them together: one llama.cpp batch per step with one
-token of every sequence, each under its own sequence id. Sampling is plain temperature sampling from the
-model's full distribution with end-of-generation tokens removed, driven by NumPy's seeded generator, so
-the same model, seed and sizes give the same tokens. Results are cached by the model's sha256 and the
-settings under ``~/.cache/gatenorm-edge/calibration``, sealed (``cache``): written atomically, never half an
-entry, and a damaged entry is sampled again.
+The prompts come from ``harness.prompts`` (``--calib-source``: BOS alone, start texts, chat requests through the
+model's own template, or a mix). Groups of sequences are sampled together: one llama.cpp batch per step with
+one token of every sequence, each under its own sequence id. Sampling (``Sampling``) is temperature sampling,
+optionally within the top-p nucleus, from the model's distribution with end-of-generation tokens removed,
+driven by NumPy's seeded generator, so the same model, seed and settings give the same tokens; optionally a
+share of the samples the model itself finds least likely (highest perplexity) is dropped (Ji et al., ICLR 2025).
+Results are cached by the model's sha256 and the settings under ``~/.cache/gatenorm-edge/calibration``, sealed
+(``cache``): written atomically, never half an entry, and a damaged entry is sampled again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,37 +23,56 @@ import llama_cpp
 import numpy as np
 
 from ..errors import GatenormError
+from ..options import DEFAULT_SELF_TOKENS
 from ..cache import read_entry, write_entry
 from ..fileio import cache_folder, file_sha256
 from .model import LoadedModel
+from .prompts import PROMPTS_VERSION, prompt_set
 from .text import bos_chunk
-from ..progress import progress_bar
+from ..progress import Ticker, progress_bar
 
-STARTS = (
-    "Once upon a time, ",
-    "The history of the town begins in",
-    "In 1998, the company announced that",
-    "Scientists have discovered that",
-    "Dear Sarah,\n\nThank you for your letter.",
-    "Q: Why is the sky blue?\nA:",
-    "Chapter 1\n\nThe rain had not stopped for",
-    " = Early life = \n\n",
-    "To make the bread, you will need",
-    "She opened the door and",
-    "According to the report,",
-    "The main reasons are:\n1.",
-    "Interviewer: What made you start?\n",
-    "In mathematics, a prime number is",
-    "def main():\n",
-    "The weather forecast for tomorrow:",
-)
-STARTS_VERSION = 2  # bump when STARTS or the sampling rule change: it is part of the cache key
-DEFAULT_SEQUENCES = len(STARTS)
+SAMPLING_VERSION = 3  # bump when the sampling rule changes: it is part of the cache key
 DEFAULT_SEQ_LEN = 256
 DEFAULT_SEED = 0
+DEFAULT_TOKENS = DEFAULT_SELF_TOKENS
+GROUP = 64  # sequences sampled together in one llama.cpp context
+TOP_CANDIDATES = 2048  # a nucleus is looked for among the most likely tokens first
 MAX_EOG_SHARE = 0.5  # mean probability on end-of-generation tokens above which samples are degenerate
 MIN_DISTINCT_SHARE = 0.1  # distinct tokens per token below which a sequence is degenerate
 EARLY_CHECK_STEPS = 16  # a model that would end almost every sequence is refused after this many steps
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are drawn: ``temperature``, the ``top_p`` nucleus (1.0: the whole distribution), and the share
+    of sequences with the highest perplexity under the model that is sampled extra and dropped."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    drop_worst: float = 0.0
+
+    def check(self) -> None:
+        if not (self.temperature > 0 and 0 < self.top_p <= 1 and 0 <= self.drop_worst < 1):
+            raise GatenormError(
+                f"sampling needs a temperature above 0, top-p in (0, 1] and a dropped share in [0, 1), not "
+                f"{self.temperature}, {self.top_p} and {self.drop_worst}"
+            )
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """What self-sampled calibration to make: its prompt source, about how many tokens, in sequences of
+    ``seq_len``, how they are sampled, and the seed."""
+
+    source: str = "mix"
+    tokens: int = DEFAULT_TOKENS
+    seq_len: int = DEFAULT_SEQ_LEN
+    sampling: Sampling = Sampling()
+    seed: int = DEFAULT_SEED
+
+    @property
+    def sequences(self) -> int:
+        return max(1, -(-self.tokens // self.seq_len))
 
 
 @dataclass(frozen=True)
@@ -101,34 +121,46 @@ def _token_digest(sequences: tuple[tuple[int, ...], ...]) -> str:
     return digest.hexdigest()
 
 
-def _sampler_tables(model: LoadedModel) -> tuple[np.ndarray, list[int], int]:
-    """Which tokens end generation, the tokens every sequence starts with (BOS where the vocab adds one),
-    and the token an empty start text begins from (BOS, else end-of-text, as a document boundary)."""
-    vocab = llama_cpp.llama_model_get_vocab(model.model)
-    end = np.array([bool(llama_cpp.llama_vocab_is_eog(vocab, t)) for t in range(model.vocab_size)])
-    boundary = int(llama_cpp.llama_vocab_bos(vocab))
-    if boundary < 0:
-        boundary = int(llama_cpp.llama_vocab_eos(vocab))
-    return end, ([model.bos_token] if model.bos_token is not None else []), boundary
+def _nucleus(probs: np.ndarray, top_p: float) -> None:
+    """Zero every row's tokens outside its top-p nucleus (the fewest most likely tokens holding ``top_p`` of the
+    row's mass), in place; the most likely ``TOP_CANDIDATES`` are searched first, the whole row only if need be."""
+    width = probs.shape[1]
+    candidates = min(TOP_CANDIDATES, width)
+    mass = probs.sum(axis=1)
+    for row in range(len(probs)):
+        top = np.argpartition(probs[row], width - candidates)[width - candidates :] if candidates < width else np.arange(width)
+        order = top[np.argsort(probs[row, top])[::-1]]
+        cumulative = np.cumsum(probs[row, order])
+        if cumulative[-1] < top_p * mass[row]:  # a flat distribution: sort all of it
+            order = np.argsort(probs[row])[::-1]
+            cumulative = np.cumsum(probs[row, order])
+        keep = order[: int(np.searchsorted(cumulative, top_p * mass[row])) + 1]
+        kept = probs[row, keep]
+        probs[row] = 0.0
+        probs[row, keep] = kept
 
 
 def _sample_rows(
-    logits: np.ndarray, end: np.ndarray, rng: np.random.Generator, temperature: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """One token per row (end-of-generation excluded) and each row's probability on end-of-generation."""
-    scaled = logits.astype(np.float64) / temperature
-    scaled -= scaled.max(axis=1, keepdims=True)
-    probs = np.exp(scaled)
+    logits: np.ndarray, end: np.ndarray, rng: np.random.Generator, sampling: Sampling
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One token per row (end-of-generation excluded), each row's probability on end-of-generation, and the
+    sampled token's negative log-likelihood under the model's own (untempered) distribution."""
+    raw = logits.astype(np.float64)
+    raw -= raw.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(raw).sum(axis=1))
+    probs = np.exp(raw / sampling.temperature)
     probs /= probs.sum(axis=1, keepdims=True)
     eog_share = probs[:, end].sum(axis=1)
     probs[:, end] = 0.0
+    if sampling.top_p < 1.0:
+        _nucleus(probs, sampling.top_p)
     kept = probs.sum(axis=1, keepdims=True)
     if np.any(kept <= 0):
-        return np.full(len(probs), -1), eog_share
+        return np.full(len(probs), -1), eog_share, np.zeros(len(probs))
     cumulative = np.cumsum(probs / kept, axis=1)
     draws = rng.random(len(probs))[:, None]
     tokens = np.minimum((cumulative < draws).sum(axis=1), probs.shape[1] - 1)
-    return tokens, eog_share
+    return tokens, eog_share, log_z - raw[np.arange(len(raw)), tokens]
 
 
 class _Batch:
@@ -175,51 +207,83 @@ class _Batch:
         return np.concatenate(rows)
 
 
+@dataclass(frozen=True)
+class Samples:
+    """Sampled sequences (each its prompt, then samples) and the mean NLL of each one's sampled tokens."""
+
+    sequences: tuple[tuple[int, ...], ...]
+    nll: tuple[float, ...]
+
+
+def sampler_tables(model: LoadedModel) -> tuple[np.ndarray, list[int], int]:
+    """Which tokens end generation, the tokens a plain-text prompt starts with (BOS where the vocab adds one),
+    and the token an empty prompt begins from (BOS, else end-of-text, as a document boundary)."""
+    vocab = llama_cpp.llama_model_get_vocab(model.model)
+    end = np.array([bool(llama_cpp.llama_vocab_is_eog(vocab, t)) for t in range(model.vocab_size)])
+    boundary = int(llama_cpp.llama_vocab_bos(vocab))
+    if boundary < 0:
+        boundary = int(llama_cpp.llama_vocab_eos(vocab))
+    return end, ([model.bos_token] if model.bos_token is not None else []), boundary
+
+
 def sample_sequences(
     model: LoadedModel,
-    starts: tuple[str, ...],
+    prompts: Sequence[Sequence[int]],
     seq_len: int,
     seed: int,
-    temperature: float = 1.0,
+    sampling: Sampling = Sampling(),
     progress: bool = False,
     label: str = "sampling calibration text",
-) -> tuple[tuple[int, ...], ...]:
-    """One sequence of ``seq_len`` tokens per start text: BOS (if any), the start's tokens, then samples."""
-    end, lead, boundary = _sampler_tables(model)
-    prompts = [lead + model.tokenize(start.encode("utf-8"), add_bos=False, special=False) for start in starts]
-    prompts = [prompt or [boundary] for prompt in prompts]
+) -> Samples:
+    """One sequence of ``seq_len`` tokens per prompt: the prompt's tokens, then samples; ``GROUP`` at a time."""
+    sampling.check()
     if max(len(p) for p in prompts) >= seq_len:
-        raise GatenormError(f"calibration sequences of {seq_len} tokens are shorter than their start texts")
+        raise GatenormError(f"calibration sequences of {seq_len} tokens are shorter than their prompts")
+    end, _, _ = sampler_tables(model)
     rng = np.random.default_rng(seed)
+    sequences: list[list[int]] = []
+    nll: list[float] = []
+    steps = sum(seq_len - min(len(p) for p in prompts[i : i + GROUP]) for i in range(0, len(prompts), GROUP))
+    with progress_bar(label, steps, progress) as tick:
+        for first in range(0, len(prompts), GROUP):
+            group = [list(p) for p in prompts[first : first + GROUP]]
+            done, sums = _sample_group(model, group, seq_len, end, rng, sampling, tick)
+            sequences += done
+            nll += [total / (seq_len - len(p)) for total, p in zip(sums, group)]
+    check_not_repetitive(model.path, sequences, [len(p) for p in prompts])
+    return Samples(tuple(tuple(seq) for seq in sequences), tuple(nll))
+
+
+def _sample_group(
+    model: LoadedModel, prompts: list[list[int]], seq_len: int, end: np.ndarray, rng: np.random.Generator,
+    sampling: Sampling, tick: Ticker,
+) -> tuple[list[list[int]], list[float]]:
+    """Sample one group of sequences in one context; their tokens and each one's summed NLL."""
     sequences = [list(p) for p in prompts]
+    sums = [0.0] * len(prompts)
     batch = _Batch(model, len(prompts), len(prompts) * seq_len)
     eog_shares: list[np.ndarray] = []
     try:
         entries = [(t, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)]
         logits = batch.decode(entries)
-        steps = seq_len - min(len(p) for p in prompts)
-        with progress_bar(label, steps, progress) as tick:
-            while True:
-                active = [s for s, seq in enumerate(sequences) if len(seq) < seq_len]
-                if not active:
-                    break
-                tokens, eog = _sample_rows(logits, end, rng, temperature)
-                eog_shares.append(eog)
-                if np.any(tokens < 0) or len(eog_shares) == EARLY_CHECK_STEPS:
-                    check_end_of_generation(model.path, np.concatenate(eog_shares), all_on_end=np.any(tokens < 0))
-                entries = []
-                for s, token in zip(active, tokens):
-                    sequences[s].append(int(token))
-                    if len(sequences[s]) < seq_len:
-                        entries.append((int(token), len(sequences[s]) - 1, s, True))
-                if entries:
-                    logits = batch.decode(entries)
-                tick()
-            check_end_of_generation(model.path, np.concatenate(eog_shares))
-            check_not_repetitive(model.path, sequences, [len(p) for p in prompts])
+        while active := [s for s, seq in enumerate(sequences) if len(seq) < seq_len]:
+            tokens, eog, token_nll = _sample_rows(logits, end, rng, sampling)
+            eog_shares.append(eog)
+            if np.any(tokens < 0) or len(eog_shares) == EARLY_CHECK_STEPS:
+                check_end_of_generation(model.path, np.concatenate(eog_shares), all_on_end=bool(np.any(tokens < 0)))
+            entries = []
+            for s, token, cost in zip(active, tokens, token_nll):
+                sequences[s].append(int(token))
+                sums[s] += float(cost)
+                if len(sequences[s]) < seq_len:
+                    entries.append((int(token), len(sequences[s]) - 1, s, True))
+            if entries:
+                logits = batch.decode(entries)
+            tick()
+        check_end_of_generation(model.path, np.concatenate(eog_shares))
     finally:
         batch.close()
-    return tuple(tuple(seq) for seq in sequences)
+    return sequences, sums
 
 
 def check_end_of_generation(path: Path, eog_shares: np.ndarray, all_on_end: bool = False) -> None:
@@ -245,25 +309,37 @@ def check_not_repetitive(path: Path, sequences: list[list[int]], prompt_lengths:
 
 def self_calibration(
     model: LoadedModel,
+    spec: CalibrationSpec = CalibrationSpec(),
     *,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    seed: int = DEFAULT_SEED,
-    starts: tuple[str, ...] = STARTS,
     cache_dir: Path | None = None,
     model_sha256: str | None = None,
     progress: bool = False,
     label: str = "sampling calibration text",
 ) -> Calibration:
-    """Sampled calibration for ``model``, from the cache when this model, seed and size were sampled before."""
+    """Sampled calibration for ``model``, from the cache when this model and ``spec`` were sampled before.
+
+    With ``spec.sampling.drop_worst`` = d, n / (1 - d) sequences are sampled and the d share with the highest
+    mean NLL of their sampled tokens dropped; the others keep their order (the held-out ones stay spread over
+    the prompt kinds)."""
+    spec.sampling.check()
     model_sha256 = model_sha256 or file_sha256(model.path)
-    settings = {"seed": seed, "seq_len": seq_len, "starts_version": STARTS_VERSION, "temperature": 1.0}
-    key = hashlib.sha256(json.dumps([model_sha256, settings, list(starts)]).encode()).hexdigest()[:16]
+    _, lead, boundary = sampler_tables(model)
+    wanted = spec.sequences
+    drawn = wanted if spec.sampling.drop_worst == 0 else int(np.ceil(wanted / (1 - spec.sampling.drop_worst)))
+    prompts = prompt_set(model, spec.source, drawn, lead, boundary)
+    settings = {"prompts": prompts.source, "sequences": wanted, "seq_len": spec.seq_len, "seed": spec.seed,
+                "temperature": spec.sampling.temperature, "top_p": spec.sampling.top_p,
+                "drop_worst": spec.sampling.drop_worst, "prompts_version": PROMPTS_VERSION,
+                "sampling_version": SAMPLING_VERSION} | ({"prompts_note": prompts.note} if prompts.note else {})
+    key = hashlib.sha256(json.dumps([model_sha256, settings]).encode()).hexdigest()[:16]
     cache = (cache_dir or cache_folder("calibration")) / f"{model_sha256[:16]}-{key}.json"
     stored = read_entry(cache, "calibration")
     if stored is not None:
         sequences = tuple(tuple(int(t) for t in s) for s in stored["sequences"])
         return Calibration("self-sampled", stored["sha256"], sequences, settings, cached=True)
-    sequences = sample_sequences(model, starts, seq_len, seed, progress=progress, label=label)
+    samples = sample_sequences(model, prompts.prompts, spec.seq_len, spec.seed, spec.sampling, progress, label)
+    keep = sorted(np.argsort(samples.nll, kind="stable")[:wanted])
+    sequences = tuple(samples.sequences[i] for i in keep)
     digest = _token_digest(sequences)
     write_entry(cache, {"model_sha256": model_sha256, "settings": settings, "sha256": digest, "sequences": sequences})
     return Calibration("self-sampled", digest, sequences, settings, cached=False)
@@ -285,6 +361,7 @@ def text_calibration(model: LoadedModel, path: Path, text: str, seq_len: int, n_
 def sampled_text(model: LoadedModel, n_tokens: int, *, seed: int, segment: int) -> str:
     """At least ``n_tokens`` tokens of text sampled from the model, from the beginning of text, in segments
     of ``segment`` tokens joined by blank lines (the demo's evaluation text when no other is at hand)."""
+    _, _, boundary = sampler_tables(model)
     n_segments = -(-n_tokens // (segment - 1))
-    sequences = sample_sequences(model, ("",) * n_segments, segment, seed)
-    return "\n\n".join(model.detokenize(list(s[1:])).decode("utf-8", "replace").strip() for s in sequences)
+    samples = sample_sequences(model, [[boundary]] * n_segments, segment, seed)
+    return "\n\n".join(model.detokenize(list(s[1:])).decode("utf-8", "replace").strip() for s in samples.sequences)

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import GatenormError
 from ..fileio import proc_bytes
+from ..options import DEFAULT_CACHE_TYPE
 from ..native import describe_death
 from .model import LoadedModel, default_threads, open_model
 from ..progress import progress_bar
@@ -55,6 +56,7 @@ class BenchSettings:
     threads: int | None = None
     flash_attn: bool = True
     seed: int = 1234  # the random tokens: the same sequence for every model
+    cache_type: str = DEFAULT_CACHE_TYPE  # the KV cache's type (llama-bench -ctk/-ctv)
 
     def __post_init__(self) -> None:
         if min(self.prompt, self.gen, self.reps, self.processes) < 1:
@@ -151,7 +153,8 @@ def _serve(conn: Connection, path: str, settings: BenchSettings, state_dir: str 
     try:
         try:
             model = open_model(
-                path, n_ctx=settings.n_ctx, flash_attn=settings.flash_attn, n_threads=settings.threads
+                path, n_ctx=settings.n_ctx, flash_attn=settings.flash_attn, n_threads=settings.threads,
+                cache_type=settings.cache_type,
             )
         except GatenormError as exc:
             conn.send(("error", str(exc)))
@@ -214,11 +217,13 @@ class _Worker:
         self.conn.close()
 
 
-def model_labels(paths: Sequence[Path]) -> list[str]:
-    """Labels for the JSON keys: the paths as given, made unique."""
+def model_labels(paths: Sequence[Path], cache_types: Sequence[str] | None = None) -> list[str]:
+    """Labels for the JSON keys: the paths as given (with their KV-cache type where it is not the default), made
+    unique."""
     labels: list[str] = []
-    for path in paths:
-        label = str(path)
+    for index, path in enumerate(paths):
+        cache = DEFAULT_CACHE_TYPE if cache_types is None else cache_types[index]
+        label = str(path) if cache == DEFAULT_CACHE_TYPE else f"{path} (KV {cache})"
         while label in labels:
             label += "'"
         labels.append(label)
@@ -237,6 +242,11 @@ class Spread:
     @classmethod
     def of(cls, values: list[float]) -> Spread:
         return cls(statistics.median(values), min(values), max(values), values)
+
+
+def paired_ratio(samples: Sequence[float], base: Sequence[float]) -> float:
+    """The median of round-by-round ratios of two models' tokens/s (their runs interleaved, round i beside i)."""
+    return statistics.median(a / b for a, b in zip(samples, base))
 
 
 @dataclass
@@ -260,6 +270,8 @@ class BenchResult:
     rss_bytes: dict[str, int]
     seconds: float
     predicted: dict[str, dict[str, float]] | None = None  # ratios the speed model predicts (``speedmodel``)
+    cache_types: dict[str, str] = field(default_factory=dict)  # each model's KV-cache type
+    paths: list[str] = field(default_factory=list)  # each model's file, in the order of ``models``
 
     def tps(self, kind: str) -> dict[str, dict[str, Spread]]:
         """``pp_tps`` or ``tg_tps``."""
@@ -268,20 +280,25 @@ class BenchResult:
     def ratio(self, kind: str, depth: int, label: str) -> float:
         """The median of pair-by-pair tokens/s ratios, ``label`` over the first model, in one depth's runs."""
         rates = self.tps(kind)
-        pairs = zip(rates[label][str(depth)].samples, rates[self.models[0]][str(depth)].samples)
-        return statistics.median(b / a for b, a in pairs)
+        return paired_ratio(rates[label][str(depth)].samples, rates[self.models[0]][str(depth)].samples)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(), progress: bool = False) -> BenchResult:
-    """Benchmark one or more models interleaved, in ``settings.processes`` fresh sets of worker processes."""
+def bench(
+    models: Sequence[Path | str], settings: BenchSettings = BenchSettings(), progress: bool = False,
+    cache_types: Sequence[str] | None = None,
+) -> BenchResult:
+    """Benchmark one or more models interleaved, in ``settings.processes`` fresh sets of worker processes.
+    ``cache_types`` gives each model its own KV-cache type (default: ``settings.cache_type`` for all), so a file
+    with a quantized cache can be timed against the base with llama.cpp's default one."""
     paths = [Path(m) for m in models]
+    caches = list(cache_types) if cache_types is not None else [settings.cache_type] * len(paths)
     for path in paths:
         if not path.is_file():
             raise GatenormError(f"{path}: no such file")
-    labels = model_labels(paths)
+    labels = model_labels(paths, caches)
     threads = settings.threads or default_threads()
     settings = dataclasses.replace(settings, threads=threads)
     counts = {"pp": settings.prompt, "tg": settings.gen}
@@ -295,7 +312,7 @@ def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(
         tick = stack.enter_context(progress_bar("bench " + " vs ".join(p.name for p in paths), steps, progress))
         state_root = Path(stack.enter_context(tempfile.TemporaryDirectory())) if settings.processes > 1 else None
         for _set in range(settings.processes):
-            workers = _start_workers(paths, settings, state_root)
+            workers = _start_workers(paths, caches, settings, state_root)
             try:
                 for worker in workers:
                     worker.ask("warmup", 0)
@@ -320,6 +337,8 @@ def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(
         processes=settings.processes,
         threads=threads,
         flash_attn=settings.flash_attn,
+        cache_types=dict(zip(labels, caches)),
+        paths=[str(path) for path in paths],
         pp_tps={label: {str(d): Spread.of(v) for d, v in tps["pp"][label].items()} for label in labels},
         tg_tps={label: {str(d): Spread.of(v) for d, v in tps["tg"][label].items()} for label in labels},
         ratios={kind: {} for kind in KINDS},
@@ -335,7 +354,7 @@ def bench(models: Sequence[Path | str], settings: BenchSettings = BenchSettings(
     return result
 
 
-def _start_workers(paths: list[Path], settings: BenchSettings, state_root: Path | None) -> list[_Worker]:
+def _start_workers(paths: list[Path], caches: list[str], settings: BenchSettings, state_root: Path | None) -> list[_Worker]:
     """One fresh worker per model; with ``state_root``, model i keeps its cache snapshots in ``state_root/i``."""
     workers: list[_Worker] = []
     try:
@@ -343,7 +362,7 @@ def _start_workers(paths: list[Path], settings: BenchSettings, state_root: Path 
             state_dir = None if state_root is None else state_root / str(index)
             if state_dir is not None:
                 state_dir.mkdir(exist_ok=True)
-            workers.append(_Worker(path, settings, state_dir))
+            workers.append(_Worker(path, dataclasses.replace(settings, cache_type=caches[index]), state_dir))
     except BaseException:
         for worker in workers:
             worker.kill()

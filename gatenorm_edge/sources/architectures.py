@@ -6,7 +6,7 @@ Tensor names and the HF -> GGUF name map come from the ``gguf`` package (``TENSO
 which GGUF architecture, the Q/K row layout of the GGUF files, and gemma's ``1 + w`` norm storage.
 llama (and mistral, which llama.cpp converts to the llama architecture) and qwen2 can be rewritten
 to attention-free layers; qwen3 and gemma3 are for scoring only; deci (what ``prune`` writes) can be
-pruned again but not scored. Why the others cannot be pruned was read from llama.cpp's source.
+pruned again but not scored; granite_swa (what ``prune --mode window`` writes) is neither. Why the others cannot be pruned was read from llama.cpp's source.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class AttentionNames(NamedTuple):
 class Architecture:
     """One supported model family."""
 
-    model_arch: MODEL_ARCH
+    model_arch: MODEL_ARCH | str
+    """gguf's enum member, or the architecture's GGUF name where the installed gguf has no member for it."""
     hf_model_types: tuple[str, ...]
     gguf_qk_interleaved: bool
     """True when GGUF Q/K rows are in llama.cpp's interleaved RoPE order (see ``rope_layout``)."""
@@ -40,6 +41,8 @@ class Architecture:
     prune_refusal: str | None = None
     """Why ``prune`` cannot express this architecture as ``deci``; None when it can."""
     scorable: bool = True
+    llama_block: bool = True
+    """A plain pre-norm llama block (optional Q/K/V/O biases): what the reference forward pass computes."""
 
     @property
     def rope_style(self) -> str:
@@ -49,7 +52,7 @@ class Architecture:
     @property
     def name(self) -> str:
         """The GGUF ``general.architecture`` value."""
-        return MODEL_ARCH_NAMES[self.model_arch]
+        return self.model_arch if isinstance(self.model_arch, str) else MODEL_ARCH_NAMES[self.model_arch]
 
     def attention_names(self, layer: int) -> AttentionNames:
         """GGUF tensor names of layer ``layer``'s Q, K and attention-norm weights."""
@@ -75,14 +78,18 @@ ARCHITECTURES = (
     Architecture(MODEL_ARCH.QWEN2, ("qwen2",), gguf_qk_interleaved=False, hf_norm_offset=0.0),
     Architecture(
         MODEL_ARCH.QWEN3, ("qwen3",), gguf_qk_interleaved=False, hf_norm_offset=0.0,
-        prune_refusal="q/k RMSNorm inside attention (attn_q_norm/attn_k_norm) has no deci form",
+        prune_refusal="q/k RMSNorm inside attention (attn_q_norm/attn_k_norm) has no deci form", llama_block=False,
     ),
     Architecture(
         MODEL_ARCH.GEMMA3, ("gemma3", "gemma3_text"), gguf_qk_interleaved=False, hf_norm_offset=1.0,
         prune_refusal="sandwich norms (post-attention and post-FFN RMSNorm) and q/k norms have no attention-free "
-        "form in stock llama.cpp's deci architecture",
+        "form in stock llama.cpp's deci architecture", llama_block=False,
     ),
     Architecture(MODEL_ARCH.DECI, (), gguf_qk_interleaved=True, hf_norm_offset=0.0, scorable=False),
+    Architecture(
+        "granite_swa", (), gguf_qk_interleaved=True, hf_norm_offset=0.0, scorable=False,
+        prune_refusal="a windowed file (granite_swa) keeps every layer's attention; prune the original model",
+    ),
 )
 
 # Architectures outside the table that prune is asked for: why stock llama.cpp's deci graph cannot hold them.

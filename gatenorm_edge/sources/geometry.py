@@ -52,6 +52,8 @@ class ModelGeometry:
     rope_base: float = 10000.0
     rope_scaling: str = "none"
     rope_scaling_factor: float = 1.0
+    window: int | None = None  # attention.sliding_window: a windowed layer sees the last ``window`` tokens
+    windowed: tuple[int, ...] = ()  # the layers attention.sliding_window_pattern marks 1 (granite_swa)
 
     @classmethod
     def from_gguf(cls, model: ArchMetadata) -> ModelGeometry:
@@ -86,6 +88,9 @@ class ModelGeometry:
         head_dim = int(key_length) if key_length is not None else default_head_dim
         context = model.arch_value("context_length")
         eps = model.arch_value("attention.layer_norm_rms_epsilon")
+        window = model.arch_value("attention.sliding_window")
+        pattern = model.arch_value("attention.sliding_window_pattern")
+        windowed = per_layer("attention.sliding_window_pattern", pattern) if isinstance(pattern, list) else ()
         return cls(
             architecture=arch,
             n_layers=n_layers,
@@ -100,6 +105,8 @@ class ModelGeometry:
             rope_base=float(model.arch_value("rope.freq_base", 10000.0)),
             rope_scaling=str(model.arch_value("rope.scaling.type", "none")),
             rope_scaling_factor=float(model.arch_value("rope.scaling.factor", 1.0) or 1.0),
+            window=int(window) if window is not None else None,
+            windowed=tuple(layer for layer, flag in enumerate(windowed) if flag),
         )
 
     @classmethod

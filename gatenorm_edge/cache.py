@@ -1,5 +1,6 @@
-"""Cache entries that cannot lie: every cached result (calibration text, speed model, zero-shot rows) is stored
-sealed, as JSON holding the program that wrote it and the sha256 of its payload.
+"""Cache entries that cannot lie: every cached result (calibration text, fitted patches, speed model, zero-shot
+rows) is stored sealed, as JSON holding the program that wrote it and the sha256 of its payload (arrays: of the
+``.npz`` beside it).
 
 An entry that is truncated, bit-flipped or written by another version of the program fails its seal: it is
 reported in one line on stderr, removed, and rebuilt by its caller, never trusted.
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
-from .fileio import write_text_atomic
+from .fileio import atomic_output, write_text_atomic
 
 PROGRAM = f"gatenorm-edge {__version__}"
 SEAL_FORMAT = 1
@@ -75,3 +79,34 @@ def write_entry(path: Path, payload: Any) -> None:
     """Seal ``payload`` into ``path`` atomically (never half an entry), creating its folder."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(path), seal(payload) + "\n")
+
+
+def write_arrays(path: Path, meta: Any, arrays: dict[str, np.ndarray]) -> None:
+    """Seal ``meta`` (JSON-able) and the ``arrays`` beside it: ``path`` (``.npz``, written atomically) and
+    ``path`` + ``.json``, the sealed entry holding ``meta`` and the npz's sha256 (written last)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    data = buffer.getvalue()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(Path(path)) as handle:
+        handle.write(data)
+    write_entry(Path(f"{path}.json"), {"meta": meta, "arrays_sha256": hashlib.sha256(data).hexdigest()})
+
+
+def read_arrays(path: Path, what: str) -> tuple[Any, dict[str, np.ndarray]] | None:
+    """What ``write_arrays`` wrote at ``path``; None when absent or damaged (then reported and removed)."""
+    entry = read_entry(Path(f"{path}.json"), what)
+    if entry is None:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        data = b""
+    if hashlib.sha256(data).hexdigest() != entry["arrays_sha256"]:
+        report_damage(what, Path(path), "its arrays do not match their checksum")
+        for stale in (Path(path), Path(f"{path}.json")):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        return None
+    with np.load(io.BytesIO(data)) as stored:
+        return entry["meta"], {name: stored[name] for name in stored.files}

@@ -91,9 +91,11 @@ def summary_sentence(result: CompareResult, layers_pruned: list[int], n_layers: 
     if speed is not None:
         depth = str(max(speed.depths))
         base, pruned = (speed.kv_bytes[label] for label in speed.models)
+        caches = sorted(set(speed.cache_types.values())) or ["f16"]
         parts.append(
             f"at depth {depth} it generates {speed.ratios['tg'][depth]:.2f}x and reads prompts "
-            f"{speed.ratios['pp'][depth]:.2f}x as fast ({fa_label(speed.flash_attn)}, {speed.threads} threads)"
+            f"{speed.ratios['pp'][depth]:.2f}x as fast ({fa_label(speed.flash_attn)}, {' and '.join(caches).upper()} "
+            f"KV cache, {speed.threads} threads)"
         )
         if base and pruned:
             parts.append(f"its KV cache is {1 - pruned / base:.0%} smaller")

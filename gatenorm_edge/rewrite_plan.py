@@ -9,7 +9,8 @@ adjacent pairs while qwen2 files are laid out for NEOX RoPE, which pairs dimensi
 Layers can instead become ``deci`` "linear attention" (``head_count > 0``, ``head_count_kv == 0``):
 llama.cpp then computes ``x + attn_output @ attn_norm(x)`` there, with no KV cache. Such a layer keeps
 its ``attn_norm``; its new n_embd x n_embd ``attn_output`` is written in the source's ``attn_output``
-type where ``gguf.quants`` can quantize to it (F16 otherwise). Stock llama.cpp applies no bias on that
+type where ``gguf.quants`` can quantize to it, else Q8_0 (never F16, which would read more bytes per token
+than the attention it replaces: a K-quant source such as Q4_K_M gets Q8_0). Stock llama.cpp applies no bias on that
 path, so none is written. The plan holds the output's whole header; ``rewrite`` streams the tensors.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_VERSION, GGMLQuantizationType, GGUFValueType, Keys
-from gguf.quants import QuantError, quantize
+from gguf.quants import QuantError, dequantize, quantize
 
 from . import __version__
 from .errors import GatenormError
@@ -170,7 +171,8 @@ def check_tensor_names(model: GGUFLayout, n_layers: int, target: str = TARGET_AR
             )
 
 
-def _validate_layers(layers: Sequence[int], n_layers: int, already_free: list[int]) -> list[int]:
+def check_layer_list(layers: Sequence[int], n_layers: int) -> list[int]:
+    """The layers as ints, each once and within the model; one line naming the first problem otherwise."""
     requested = [int(layer) for layer in layers]
     duplicates = sorted(layer for layer, count in Counter(requested).items() if count > 1)
     if duplicates:
@@ -180,6 +182,11 @@ def _validate_layers(layers: Sequence[int], n_layers: int, already_free: list[in
         raise GatenormError(
             f"layer(s) out of range: {', '.join(map(str, out_of_range))} (the model has layers 0..{n_layers - 1})"
         )
+    return requested
+
+
+def _validate_layers(layers: Sequence[int], n_layers: int, already_free: list[int]) -> list[int]:
+    requested = check_layer_list(layers, n_layers)
     if 0 in requested:
         raise GatenormError(
             "layer 0 cannot be made attention-free: llama.cpp takes the head size from layer 0, "
@@ -299,12 +306,27 @@ def plan_rewrite(
 
 
 def linear_tensor_type(source_type: GGMLQuantizationType, n_embd: int) -> GGMLQuantizationType:
-    """The type a new n_embd x n_embd attn_output is written in: the source's if gguf.quants can make it, else F16."""
-    try:
-        quantize(np.zeros((1, n_embd), dtype=np.float32), source_type)
-    except (NotImplementedError, QuantError):
-        return GGMLQuantizationType.F16
-    return source_type
+    """The type a new n_embd x n_embd attn_output is written in: the source's if gguf.quants can make it, else Q8_0
+    (F16 only where rows do not split into Q8_0 blocks)."""
+    for candidate in (source_type, GGMLQuantizationType.Q8_0):
+        try:
+            quantize(np.zeros((1, n_embd), dtype=np.float32), candidate)
+        except (NotImplementedError, QuantError, ValueError):
+            continue
+        return candidate
+    return GGMLQuantizationType.F16
+
+
+def attn_output_type(src: Path) -> GGMLQuantizationType:
+    """The ggml type of the first layer's attention output matrix (a patch is written in the type it takes)."""
+    with GGUFLayout(src) as model:
+        first = min(block_tensor(name)[0] for name in model.tensors if name.endswith(".attn_output.weight"))
+        return model.tensors[f"blk.{first}.attn_output.weight"].tensor_type
+
+
+def as_written(matrix: np.ndarray, tensor_type: GGMLQuantizationType) -> np.ndarray:
+    """``matrix`` as llama.cpp will read it back after it is written in ``tensor_type`` (float32)."""
+    return dequantize(quantize(np.asarray(matrix, dtype=np.float32), tensor_type), tensor_type).astype(np.float32)
 
 
 def _linear_output_span(model: GGUFLayout, layer: int, n_embd: int) -> TensorSpan:

@@ -26,6 +26,8 @@ Measured against the alternatives in docs/study.md ("The data-free default").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -41,11 +43,13 @@ from .speedmodel import Change
 from .harness.model import LoadedModel, open_model
 from .harness.probe import HeldOutDivergence, StreamEdits, StreamProbe, last_only
 from .progress import Ticker, progress_bar
-from .harness.selfcal import Calibration, CalibrationRecord, CalibrationSpec, self_calibration, text_calibration
+from .harness.selfcal import Calibration, CalibrationRecord, CalibrationSpec, Capture, self_calibration, text_calibration
 from .harness.text import read_text
 from .recovery import ridge_solve
 from .rewrite import PruneResult, check_output_path, prune_gguf
-from .rewrite_plan import plan_rewrite
+from .rewrite_plan import as_written, attn_output_type, linear_tensor_type, plan_rewrite
+from .cache import read_arrays, write_arrays
+from .fileio import cache_folder, file_sha256
 from .scoring import score_model
 from .sources.geometry import gguf_geometry
 from .sources.gguf_file import GGUFFile
@@ -122,6 +126,9 @@ class SelfPruneReport:
     candidates: list[Candidate]
     picked: str
     seconds: dict[str, float] = field(default_factory=dict)
+    patch_type: str | None = None  # the ggml type the patches are written in
+    kld_float: float | None = None  # the picked set's held-out KLD with its patches in float32, not as written
+    kld_sequential: float | None = None  # the same with sequentially refitted patches (as written), when tried
     predicted: dict[str, Any] | None = None  # with a budget: the prediction the plan was chosen by
     patches: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # layer -> W, for the patched layers
 
@@ -133,7 +140,9 @@ class SelfPruneReport:
 
     @property
     def held_out_kld(self) -> float:
-        return min(candidate.kld for candidate in self.candidates)
+        """The held-out KLD of what is written: the picked set, with sequential patches where they won."""
+        picked = min(candidate.kld for candidate in self.candidates)
+        return picked if self.kld_sequential is None else min(picked, self.kld_sequential)
 
     def change(self, cache_type: str = DEFAULT_CACHE_TYPE) -> Change:
         dropped = tuple(layer for layer in self.layers if layer not in self.patched)
@@ -166,30 +175,57 @@ def split_sequences(n_sequences: int) -> tuple[list[int], list[int]]:
     return [i for i in range(n_sequences) if i not in held], held
 
 
+class StreamStatistics:
+    """Per layer, least-squares statistics of its attention output against its normed input (``fit`` and ``held``
+    out apart, by sequence), and the summed 1 - cos(x, x + attention) of every token (the ``cosine`` criterion)."""
+
+    def __init__(self, layers: Sequence[int], width: int, held: Sequence[int]) -> None:
+        self.fit = {layer: LeastSquares.empty(width) for layer in layers}
+        self.held = {layer: LeastSquares.empty(width) for layer in layers}
+        self.turn = dict.fromkeys(layers, 0.0)
+        self.tokens = 0
+        self.held_ids = np.asarray(sorted(held))
+        self.captured: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def edits(self, upstream: StreamEdits = StreamEdits()) -> StreamEdits:
+        """``upstream``'s drops and patches, plus the capture of every layer here (kept until ``add``)."""
+        return dataclasses.replace(upstream, capture=frozenset(self.fit), on_capture=lambda *arrays: self.captured.append(arrays))
+
+    def add(self, sequences: np.ndarray, real: np.ndarray) -> None:
+        """Fold in what the last decode captured: its rows' sequence indices, and which rows are real tokens.
+
+        The arithmetic waits until llama.cpp has finished the decode: inside its callback, NumPy would compete
+        with llama.cpp's own threads for the cores."""
+        held = np.isin(sequences, self.held_ids)
+        for rows, stats in ((real & ~held, self.fit), (real & held, self.held)):
+            if rows.any():
+                for layer, _x, normed, attention in self.captured:
+                    stats[layer].add(normed[rows], attention[rows])
+        for layer, x, _normed, attention in self.captured:
+            moved = x[real] + attention[real]
+            cos = np.sum(x[real] * moved, axis=1) / (np.linalg.norm(x[real], axis=1) * np.linalg.norm(moved, axis=1))
+            self.turn[layer] += float(np.sum(1.0 - cos))
+        self.tokens += int(real.sum())
+        self.captured.clear()
+
+    def cosine(self) -> dict[int, float]:
+        """Each layer's mean 1 - cos(x, x + attention) over every token."""
+        return {layer: turn / self.tokens for layer, turn in self.turn.items()}
+
+
 def capture_statistics(
     probe: StreamProbe, sequences: Sequence[np.ndarray], layers: Sequence[int], held: Sequence[int], width: int,
-    tick: Ticker,
-) -> tuple[dict[int, LeastSquares], dict[int, LeastSquares], dict[int, float]]:
-    """Per layer: fit and held-out least-squares statistics, and the mean 1 - cos(x, x + attention) over all tokens."""
-    fit_stats = {layer: LeastSquares.empty(width) for layer in layers}
-    held_stats = {layer: LeastSquares.empty(width) for layer in layers}
-    turn = dict.fromkeys(layers, 0.0)
-    captured: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
-    edits = StreamEdits(capture=frozenset(layers), on_capture=lambda *arrays: captured.append(arrays))
+    tick: Ticker, upstream: StreamEdits = StreamEdits(),
+) -> StreamStatistics:
+    """``StreamStatistics`` of ``layers`` from one pass over ``sequences``, with the drops and patches of ``upstream``
+    applied to the stream (at layers before the captured ones)."""
+    stats = StreamStatistics(layers, width, held)
+    edits = stats.edits(upstream)
     for index, sequence in enumerate(sequences):
-        # The arithmetic waits until llama.cpp has finished the decode: inside its callback, NumPy would
-        # compete with llama.cpp's own threads for the cores.
         probe.run([sequence], edits, lambda _index, _logits: None, last_only)
-        stats = held_stats if index in held else fit_stats
-        for layer, x, normed, attention in captured:
-            stats[layer].add(normed, attention)
-            moved = x + attention
-            cos = np.sum(x * moved, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(moved, axis=1))
-            turn[layer] += float(np.sum(1.0 - cos))
-        captured.clear()
+        stats.add(np.full(len(sequence), index), np.ones(len(sequence), dtype=bool))
         tick(status=f"sequence {index + 1}")
-    total = sum(len(s) for s in sequences)
-    return fit_stats, held_stats, {layer: turn[layer] / total for layer in layers}
+    return stats
 
 
 def best_patch(fit: LeastSquares, held: LeastSquares) -> tuple[float, float, np.ndarray]:
@@ -204,6 +240,16 @@ def best_patch(fit: LeastSquares, held: LeastSquares) -> tuple[float, float, np.
     return best
 
 
+FITS_VERSION = 1  # bump when the capture, the split or RIDGES change: part of the fits' cache key
+
+
+def fits_path(model: Path, calibration: Calibration) -> Path:
+    """Where the patches fitted on ``calibration`` are kept: by the model's sha256 and the calibration's digest."""
+    key = json.dumps([file_sha256(model), calibration.sha256, calibration.tokens, len(calibration.sequences), RIDGES,
+                      FITS_VERSION])
+    return cache_folder("fits") / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+
+
 def recovered_edits(layers: Sequence[int], patches: dict[int, np.ndarray]) -> StreamEdits:
     """Edits for ``layers`` removed, each patched where ``patches`` has it, dropped otherwise."""
     return StreamEdits(
@@ -212,11 +258,14 @@ def recovered_edits(layers: Sequence[int], patches: dict[int, np.ndarray]) -> St
     )
 
 
-def load_calibration(model: LoadedModel, calib: Path | None, spec: CalibrationSpec, progress: bool) -> Calibration:
-    """Self-sampled calibration as ``spec`` says, or as many sequences cut from the text file ``calib``."""
+def load_calibration(
+    model: LoadedModel, calib: Path | None, spec: CalibrationSpec, progress: bool, capture: Capture | None = None,
+) -> Calibration:
+    """Self-sampled calibration as ``spec`` says (``capture`` seeing every token as it is sampled), or as many
+    sequences cut from the text file ``calib``."""
     if calib is None:
-        label = f"1/{STAGES} sampling calibration text"
-        return self_calibration(model, spec, progress=progress, label=label)
+        label = f"1/{STAGES} sampling calibration text (and capturing attention)"
+        return self_calibration(model, spec, progress=progress, label=label, capture=capture)
     return text_calibration(model, calib, read_text(calib), spec.seq_len, spec.sequences)
 
 
@@ -228,9 +277,10 @@ class SelfCalibratedPruner:
 
     def __init__(
         self, model_path: Path, *, calib: Path | None = None, spec: CalibrationSpec = CalibrationSpec(),
-        recover: bool = True, n_threads: int | None = None, progress: bool = False,
+        recover: bool = True, sequential: bool = False, n_threads: int | None = None, progress: bool = False,
     ) -> None:
         self.progress = progress
+        self.sequential = sequential
         self.seconds: dict[str, float] = {}
         started = time.perf_counter()
         self.per_head = [entry.score for entry in score_model(model_path, "per-head").layers]
@@ -246,32 +296,57 @@ class SelfCalibratedPruner:
             raise
 
     def _prepare(self, calib: Path | None, spec: CalibrationSpec, recover: bool, started: float) -> None:
-        self.calibration = load_calibration(self.model, calib, spec, self.progress)
+        width = int(self.model.n_embd())
+        _, held = split_sequences(spec.sequences)
+        stats = StreamStatistics(self.prunable, width, held)
+        capture = Capture(stats.edits(), stats.add) if calib is None else None
+        self.calibration = load_calibration(self.model, calib, spec, self.progress, capture)
         if self.calibration.cached is not False:
             with progress_bar(f"1/{STAGES} calibration text", 1, self.progress) as tick:
                 tick(status=f"{self.calibration.tokens} tokens, {self.calibration.source}")
         self.seconds["calibrate"] = time.perf_counter() - started
         sequences = self.calibration.arrays()
-        _, held = split_sequences(len(sequences))
         self.probe = self._closing.enter_context(contextlib.closing(StreamProbe(self.model, spec.seq_len)))
+        fits = fits_path(self.model.path, self.calibration)
         mark = time.perf_counter()
-        with progress_bar(f"2/{STAGES} capturing attention", len(sequences), self.progress) as tick:
-            fit_stats, held_stats, turn = capture_statistics(
-                self.probe, sequences, self.prunable, held, int(self.model.n_embd()), tick
-            )
+        stored = read_arrays(fits, "patch-fit") if self.calibration.cached is not False else None
+        if stored is not None:  # fitted before on this very calibration text: nothing to capture or fit
+            meta, arrays = stored
+            self.choices = {int(layer): LayerChoice(**choice) for layer, choice in meta.items()}
+            self.patches = {layer: arrays[f"w{layer}"] for layer in self.choices if recover and f"w{layer}" in arrays}
+            with progress_bar(f"2-3/{STAGES} patches fitted before", 1, self.progress) as tick:
+                tick(status=f"{len(arrays)} patches from the cache")
+            self.seconds["fits_from_cache"] = time.perf_counter() - mark
+        else:
+            self._fit(sequences, held, stats, width, recover)
+            write_arrays(fits, {layer: asdict(choice) for layer, choice in self.choices.items()},
+                         {f"w{layer}": matrix for layer, matrix in self.fitted.items()})
+        self.patch_type = linear_tensor_type(attn_output_type(self.model.path), width)
+        self.divergence = HeldOutDivergence(self.probe, [sequences[i] for i in held[:KLD_SEQUENCES]])
+
+    def _fit(self, sequences: list[np.ndarray], held: list[int], stats: StreamStatistics, width: int, recover: bool) -> None:
+        """Stages 2-3: the statistics (captured while sampling, or in one more pass), then each layer's best patch."""
+        mark = time.perf_counter()
+        if self.calibration.captured:
+            with progress_bar(f"2/{STAGES} capturing attention", 1, self.progress) as tick:
+                tick(status=f"{stats.tokens} tokens, while they were sampled")
+        else:  # from the cache, a text file, or with samples dropped: one more pass
+            with progress_bar(f"2/{STAGES} capturing attention", len(sequences), self.progress) as tick:
+                stats = capture_statistics(self.probe, sequences, self.prunable, held, width, tick)
+        turn = stats.cosine()
         self.seconds["capture"] = time.perf_counter() - mark
         mark = time.perf_counter()
         self.choices: dict[int, LayerChoice] = {}
-        self.patches: dict[int, np.ndarray] = {}
+        self.fitted: dict[int, np.ndarray] = {}  # every patch that beat a drop on held-out tokens
         with progress_bar(f"3/{STAGES} fitting patches", len(self.prunable), self.progress) as tick:
             for layer in self.prunable:
-                ridge, error, matrix = best_patch(fit_stats.pop(layer), held_stats.pop(layer))
+                ridge, error, matrix = best_patch(stats.fit.pop(layer), stats.held.pop(layer))
                 self.choices[layer] = LayerChoice(layer, turn[layer], self.per_head[layer], ridge, error)
-                if error < 1.0 and recover:
-                    self.patches[layer] = matrix
+                if error < 1.0:
+                    self.fitted[layer] = matrix.astype(np.float32)
                 tick(status=f"layer {layer}: held-out error {error:.3f}")
+        self.patches = dict(self.fitted) if recover else {}
         self.seconds["patch"] = time.perf_counter() - mark
-        self.divergence = HeldOutDivergence(self.probe, [sequences[i] for i in held[:KLD_SEQUENCES]])
 
     def close(self) -> None:
         self._closing.close()
@@ -322,6 +397,15 @@ class SelfCalibratedPruner:
                 outcomes.append(self.recover(name, layers))
                 tick(2, status=f"{name}: KLD {outcomes[-1].kld:.4f}")
         best = min(outcomes, key=lambda outcome: outcome.kld)
+        patches = {layer: self.patches[layer] for layer in best.patched}
+        kld_float = kld_sequential = None
+        if best.patched and self.sequential:  # refitted in layer order; kept where that wins on held-out tokens
+            refit = self.sequential_patches(best.layers, best.patched)
+            kld_sequential = self.divergence(recovered_edits(best.layers, self.as_written(refit)))
+            if kld_sequential < best.kld:
+                patches = refit
+        if best.patched:  # what writing the patches in the file's type costs, on the same held-out tokens
+            kld_float = self.divergence(recovered_edits(best.layers, patches))
         seconds["guard"] = time.perf_counter() - mark
         seconds["total"] = sum(seconds.values())
         report = SelfPruneReport(
@@ -335,15 +419,40 @@ class SelfCalibratedPruner:
             candidates=outcomes,
             picked=best.name,
             seconds=seconds,
-            patches={layer: self.patches[layer] for layer in best.patched},
+            patch_type=self.patch_type.name if best.patched else None,
+            kld_float=kld_float,
+            kld_sequential=kld_sequential,
+            patches=patches,
         )
         return report
+
+    def as_written(self, patches: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """``patches`` as the file will hold them (quantized to the patch type and back)."""
+        return {layer: as_written(matrix, self.patch_type) for layer, matrix in patches.items()}
+
+    def sequential_patches(self, layers: Sequence[int], patched: Sequence[int]) -> dict[int, np.ndarray]:
+        """Patches for ``patched`` fitted in layer order, each on the stream its layer sees once the earlier of
+        ``layers`` are removed (dropped, or patched with their own sequential patch): one capture pass over the
+        calibration sequences per patched layer. The ridge is chosen on the held-out sequences, as before; a layer
+        whose sequential patch does no better than a drop there keeps its independent one."""
+        sequences = self.calibration.arrays()
+        _, held = split_sequences(len(sequences))
+        refit: dict[int, np.ndarray] = {}
+        width = int(self.model.n_embd())
+        with progress_bar("sequential patches", len(patched) * len(sequences), self.progress) as tick:
+            for layer in sorted(patched):
+                upstream = recovered_edits([i for i in layers if i < layer], {i: refit.get(i, self.patches[i]) for i in patched if i < layer})
+                stats = capture_statistics(self.probe, sequences, [layer], held, width, tick, upstream)
+                _, error, matrix = best_patch(stats.fit[layer], stats.held[layer])
+                refit[layer] = matrix if error < 1.0 else self.patches[layer]
+        return refit
 
     def recover(self, name: str, layers: list[int]) -> Candidate:
         """``layers`` removed: patched where a validated patch exists, unless all dropped does better held out."""
         patched = [layer for layer in layers if layer in self.patches]
         kld_dropped = self.divergence(recovered_edits(layers, {}))
-        kld_patched = self.divergence(recovered_edits(layers, self.patches)) if patched else None
+        written = self.as_written({layer: self.patches[layer] for layer in patched})
+        kld_patched = self.divergence(recovered_edits(layers, written)) if patched else None
         if kld_patched is None or kld_patched >= kld_dropped:
             return Candidate(name, layers, [], kld_dropped, kld_patched, kld_dropped)
         return Candidate(name, layers, patched, kld_dropped, kld_patched, kld_patched)

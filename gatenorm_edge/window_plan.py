@@ -12,7 +12,6 @@ reordered for normal RoPE exactly as for ``deci``. No weight changes, no tensor 
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from gguf import GGMLQuantizationType, Keys
 from .errors import GatenormError
 from .gguf_layout import GGUFLayout, TensorSpan
 from .rewrite_plan import (
-    RewritePlan, TensorCopy, assemble_header, block_tensor, check_single_file, check_tensor_names, header_fields,
+    RewritePlan, TensorCopy, assemble_header, block_tensor, check_layer_list, check_single_file, check_tensor_names, header_fields,
     kv_float32, kv_uint32, kv_uint32_array, rope_reorders, with_tool,
 )
 from .sources.architectures import prunable_architecture
@@ -65,13 +64,7 @@ def check_window(window: int, geometry: ModelGeometry, where: str) -> None:
 
 
 def check_windowed_layers(layers: Sequence[int], n_layers: int) -> list[int]:
-    chosen = [int(layer) for layer in layers]
-    repeated = sorted(layer for layer, count in Counter(chosen).items() if count > 1)
-    if repeated:
-        raise GatenormError(f"layer(s) listed more than once: {', '.join(map(str, repeated))}")
-    outside = sorted(layer for layer in chosen if not 0 <= layer < n_layers)
-    if outside:
-        raise GatenormError(f"layer(s) out of range: {', '.join(map(str, outside))} (the model has layers 0..{n_layers - 1})")
+    chosen = check_layer_list(layers, n_layers)
     if not chosen:
         raise GatenormError("no layers to window")
     return sorted(chosen)

@@ -102,6 +102,7 @@ class LayerWindow:
     fit_error: float  # relative value-space error with the fitted sinks, fit sequences
     fit_error_no_sink: float
     damage: float | None = None  # held-out: |W_O (full - windowed)|^2 / |residual|^2
+    damage_no_sink: float | None = None  # the same without sinks: what the fitted sinks win on held-out text
 
 
 @dataclass
@@ -149,7 +150,7 @@ def long_sequences(samples: Sequence[Sequence[int]], length: int, bos: int | Non
     return out
 
 
-def output_damage(window: int, sinks: np.ndarray, w_o: np.ndarray, bias: np.ndarray | None, q: np.ndarray,
+def output_damage(window: int, sinks: np.ndarray | None, w_o: np.ndarray, bias: np.ndarray | None, q: np.ndarray,
                   k: np.ndarray, v: np.ndarray, residual: np.ndarray, attention: np.ndarray) -> tuple[float, float]:
     """(sum |full - windowed|^2 after W_O, sum |residual|^2) over one sequence's tokens."""
     windowed = windowed_attention(q, k, v, window, sinks) @ w_o.T
@@ -216,6 +217,7 @@ class WindowChooser:
         self.seconds["sinks"] = time.perf_counter() - mark
         mark = time.perf_counter()
         lost = dict.fromkeys(self.layers, 0.0)
+        lost_no_sink = dict.fromkeys(self.layers, 0.0)
         energy = dict.fromkeys(self.layers, 0.0)
         streams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -223,7 +225,9 @@ class WindowChooser:
             for layer in self.layers:
                 w_o, bias = self.outputs[layer]
                 damage, total = output_damage(self.window, self.sinks(layer), w_o, bias, *captured[layer], *streams[layer])
+                plain, _ = output_damage(self.window, None, w_o, bias, *captured[layer], *streams[layer])
                 lost[layer] += damage
+                lost_no_sink[layer] += plain
                 energy[layer] += total
             captured.clear()
             streams.clear()
@@ -237,6 +241,7 @@ class WindowChooser:
             self.divergence = HeldOutDivergence(self.probe, held, KLD_STRIDE, capturing, measure)
         for layer in self.layers:
             self.per_layer[layer].damage = lost[layer] / energy[layer]
+            self.per_layer[layer].damage_no_sink = lost_no_sink[layer] / energy[layer]
         self.seconds["damage"] = time.perf_counter() - mark
 
     def sinks(self, layer: int) -> np.ndarray:

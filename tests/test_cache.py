@@ -1,5 +1,5 @@
-"""Caches that cannot lie: a calibration, speed-model or zero-shot entry that is truncated, bit-flipped or
-written by another version is detected, reported in one line, removed and rebuilt; never trusted."""
+"""Caches that cannot lie: a calibration, fitted-patch, speed-model or zero-shot entry that is truncated,
+bit-flipped or written by another version is detected, reported in one line, removed and rebuilt; never trusted."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gatenorm_edge.cache import PROGRAM, DamagedEntry, seal, unseal
@@ -14,6 +15,7 @@ from gatenorm_edge.harness import zeroshot as zs
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.selfcal import CalibrationSpec, self_calibration
 from gatenorm_edge.harness.speed import BenchSettings
+from gatenorm_edge.selfprune import SelfCalibratedPruner
 from gatenorm_edge.speedmodel import measure_speed_model
 
 Damage = Callable[[str], str]
@@ -98,3 +100,36 @@ def test_damaged_zeroshot_rows_are_dropped_reported_and_computed_again(
     assert sorted(results.done) == [examples[0].index, examples[2].index]  # the damaged one is computed again
     one_warning(capsys.readouterr().err, "zero-shot", path, reason)
     assert path.read_text(encoding="utf-8") == f"{good[0]}\n{good[2]}\n"  # the file keeps only sound rows
+
+
+@pytest.mark.parametrize(("damage", "reason"), DAMAGES, ids=IDS)
+def test_damaged_fitted_patches_are_fitted_again(stories260k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str], damage: Damage, reason: str) -> None:
+    monkeypatch.setenv("GATENORM_CACHE", str(tmp_path))
+    spec = CalibrationSpec(source="starts", tokens=8 * 48, seq_len=48)
+    with contextlib.closing(SelfCalibratedPruner(stories260k, spec=spec, n_threads=1)) as first:
+        patches = dict(first.patches)
+    (manifest,) = (tmp_path / "fits").glob("*.npz.json")
+    with contextlib.closing(SelfCalibratedPruner(stories260k, spec=spec, n_threads=1)) as warm:
+        assert "fits_from_cache" in warm.seconds and warm.patches.keys() == patches.keys()
+        assert all(np.array_equal(warm.patches[layer], patches[layer]) for layer in patches)
+    manifest.write_text(damage(manifest.read_text()))
+    capsys.readouterr()
+    with contextlib.closing(SelfCalibratedPruner(stories260k, spec=spec, n_threads=1)) as again:
+        assert "fits_from_cache" not in again.seconds and "patch" in again.seconds  # fitted anew
+    one_warning(capsys.readouterr().err, "patch-fit", manifest, reason)
+
+
+def test_patches_whose_arrays_changed_are_fitted_again(stories260k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("GATENORM_CACHE", str(tmp_path))
+    spec = CalibrationSpec(source="starts", tokens=8 * 48, seq_len=48)
+    SelfCalibratedPruner(stories260k, spec=spec, n_threads=1).close()
+    (arrays,) = (tmp_path / "fits").glob("*.npz")
+    data = bytearray(arrays.read_bytes())
+    data[len(data) // 2] ^= 1
+    arrays.write_bytes(bytes(data))
+    capsys.readouterr()
+    with contextlib.closing(SelfCalibratedPruner(stories260k, spec=spec, n_threads=1)) as again:
+        assert "fits_from_cache" not in again.seconds
+    one_warning(capsys.readouterr().err, "patch-fit", arrays, "arrays do not match their checksum")

@@ -27,6 +27,7 @@ def test_demo_end_to_end_on_stories260k(stories260k: Path, tinystories: Path, tm
     assert json.loads((out / "scores.json").read_text())["variant"] == "per-head"
     assert result["summary"] in done.stdout and "Removed attention from 2 of 5 layers" in result["summary"]
     assert "at depth 32" in result["summary"] and "KV cache is 40% smaller" in result["summary"]
+    assert "(FA on, F16 KV cache, " in result["summary"]  # the cache type it measured with
     table = (out / "compare.md").read_text()
     assert "KLD 99th percentile" in table and "pp512 t/s @ depth 32" in table
     assert table.split("\n\n", 1)[1].strip().splitlines()[0] in done.stdout  # the printed table is the saved one

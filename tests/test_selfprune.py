@@ -17,9 +17,12 @@ from gguf import GGUFReader
 from cli_helpers import assert_one_line_error, run_cli, run_cli_here, spawn_cli
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.probe import StreamEdits, StreamProbe
-from gatenorm_edge.harness.selfcal import CalibrationSpec, sample_sequences, self_calibration
+from gatenorm_edge.harness.selfcal import CalibrationSpec, Capture, sample_sequences, self_calibration
 from gatenorm_edge.rewrite import prune_gguf
-from gatenorm_edge.selfprune import LeastSquares, SelfCalibratedPruner, best_patch
+from gatenorm_edge.selfprune import (
+    LeastSquares, SelfCalibratedPruner, StreamStatistics, best_patch, capture_statistics, recovered_edits,
+    split_sequences,
+)
 from gatenorm_edge.sources.gguf_file import GGUFFile
 
 
@@ -274,3 +277,36 @@ def test_repetitive_samples_are_refused() -> None:
     stuck = [[7] * 100 for _ in range(3)] + varied[:1]
     with pytest.raises(GatenormError, match="3 of 4 sequences repeat"):
         check_not_repetitive(Path("m.gguf"), stuck, [0] * 4)
+
+
+def test_sequential_patches_fit_the_stream_the_earlier_removals_leave(stories260k: Path) -> None:
+    with contextlib.closing(SelfCalibratedPruner(stories260k, n_threads=1)) as pruner:
+        layers = [1, 3]
+        refit = pruner.sequential_patches(layers, layers)
+        np.testing.assert_allclose(refit[1], pruner.patches[1], atol=1e-3)  # nothing upstream of the first: the same fit
+        assert not np.array_equal(refit[3], pruner.patches[3])
+        sequences = pruner.calibration.arrays()
+        fit_ids, held = split_sequences(len(sequences))
+        upstream = recovered_edits([1], {1: refit[1]})
+        stats = capture_statistics(pruner.probe, sequences, [3], held, 64, lambda **_: None, upstream)
+        fit = stats.fit
+        # on the stream layer 3 sees once layer 1 is patched, its sequential patch fits at least as well
+        assert fit[3].relative_error(refit[3]) <= fit[3].relative_error(pruner.patches[3])
+
+
+def test_capturing_while_sampling_gives_the_statistics_of_a_second_pass(stories260k: Path) -> None:
+    with contextlib.closing(open_model(stories260k, n_ctx=64, n_threads=1)) as model:
+        prompts = [model.tokenize_text(text) for text in ("Once upon a time", "The dog", "Lily", "One day, a big")]
+        held = [2]
+        during = StreamStatistics([1, 3], 64, held)
+        samples = sample_sequences(model, prompts, 40, 3, capture=Capture(during.edits(), during.add))
+        with contextlib.closing(StreamProbe(model, 40)) as probe:
+            after = capture_statistics(probe, [np.asarray(s) for s in samples.sequences], [1, 3], held, 64,
+                                       lambda **_: None)
+    assert during.tokens == after.tokens == 4 * 40
+    for layer in (1, 3):
+        for mine, theirs in ((during.fit[layer], after.fit[layer]), (during.held[layer], after.held[layer])):
+            np.testing.assert_allclose(mine.gram, theirs.gram, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(mine.cross, theirs.cross, rtol=1e-4, atol=1e-4)
+            assert mine.tokens == theirs.tokens > 0
+    assert during.cosine() == pytest.approx(after.cosine(), rel=1e-4)

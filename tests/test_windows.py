@@ -156,3 +156,50 @@ def test_windows_refuse_files_granite_swa_cannot_hold(stories260k: Path, gemma3:
         window_gguf(stories260k, tmp_path / "w.gguf", [1], 64)
         window_gguf(tmp_path / "w.gguf", out, [1], 64)
     assert not out.exists()
+
+
+def test_the_frontier_is_the_points_nothing_beats_on_both_counts() -> None:
+    from gatenorm_edge.frontier import Point, Variant, pareto
+
+    def point(name: str, speedup: float, ratio: float) -> Point:
+        return Point(Variant(name, f"{name}.gguf", "f16", "drop"), 10 * ratio, 0.1, 100, 10.0, 20.0, speedup, 1.0, ratio)
+
+    points = [point("base", 1.0, 1.0), point("q8", 2.0, 1.0), point("slow", 1.5, 1.2), point("fast", 2.5, 1.4),
+              point("twin", 2.0, 1.0)]
+    pareto(points)
+    assert [p.variant.name for p in points if p.frontier] == ["q8", "fast", "twin"]  # ties both stay
+
+
+def test_a_window_budget_takes_the_fewest_windowed_layers(stories260k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATENORM_CACHE", str(tmp_path / "cache"))
+    out, report = tmp_path / "w.gguf", tmp_path / "w.json"
+    cells = 2048  # stories260K's whole training context: full layers hold 2048 cells, windowed ones 768
+    full = 5 * cells * 128
+    budget = full - 2 * (cells - 768) * 128  # two windowed layers fit, one does not
+    done = run_cli_here("prune", stories260k, out, "--kv-budget", str(budget), "--ctx", str(cells), "--mode", "window",
+                        "--window", "64", "--json", report)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    assert len(data["windows"]["layers"]) == 2 and data["predicted"]["kv_bytes"] == budget
+    with contextlib.closing(open_model(out, n_ctx=cells, n_threads=1)) as model:
+        assert model.kv_bytes == budget  # what llama.cpp allocated for the written file
+
+
+def test_frontier_makes_measures_and_ranks_every_variant(stories260k: Path, tinystories: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATENORM_CACHE", str(tmp_path / "cache"))
+    out, report = tmp_path / "frontier", tmp_path / "frontier.json"
+    args = ["frontier", stories260k, "--text", tinystories, "--out", out, "--speedups", "1.01", "--depth", "256",
+            "--window", "64", "--ctx", "128", "--chunks", "2", "--reps", "1", "--threads", "1", "--json", report]
+    done = run_cli_here(*args)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    kinds = [point["variant"]["kind"] for point in data["points"]]
+    assert kinds == ["base", "drop", "window"]  # stories260K's head size of 8 takes no quantized cache
+    base = data["points"][0]
+    assert base["tg_speedup"] == 1.0 and base["ppl_ratio"] == 1.0 and base["frontier"]
+    assert gguf_geometry(out / "window-x1.01.gguf").windowed and gguf_geometry(out / "drop-x1.01.gguf").attention_free + \
+        gguf_geometry(out / "drop-x1.01.gguf").linear_attention
+    assert "**base f16**" in done.stdout
+    again = run_cli_here(*args[:-2])  # everything is reused: the same figures
+    assert again.returncode == 0 and again.stdout == done.stdout

@@ -130,9 +130,15 @@ def last_only(length: int) -> range:
 
 
 class StreamProbe:
-    """A second llama.cpp context on a loaded model, decoding one sequence at a time with ``StreamEdits``."""
+    """A second llama.cpp context on a loaded model, decoding with ``StreamEdits``: one whole sequence at a time
+    (``logits``, ``run``), or, with ``n_seq`` > 1, batches of tokens of many sequences (``decode``: sampling).
 
-    def __init__(self, model: LoadedModel, n_ctx: int) -> None:
+    Every decode is one llama.cpp micro-batch, so the tensors the edits see hold its tokens in batch order;
+    a many-sequence decode must hold one token of each of sequences 0, 1, 2, ... (llama.cpp splits any other
+    batch by sequence), which is what one step of sampling every sequence is.
+    """
+
+    def __init__(self, model: LoadedModel, n_ctx: int, n_seq: int = 1, n_batch: int | None = None) -> None:
         self.model = model
         self.edits = StreamEdits()
         self._wanted: dict[bytes, tuple[str, int]] = {}
@@ -143,18 +149,19 @@ class StreamProbe:
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
-        params.n_batch = n_ctx
-        params.n_ubatch = n_ctx
-        params.n_seq_max = 1
+        params.n_batch = params.n_ubatch = n_batch or n_ctx
+        params.n_seq_max = n_seq
+        params.kv_unified = False  # each sequence attends over its own cells only
         params.n_threads = params.n_threads_batch = model.n_threads
         params.flash_attn_type = 1  # LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.cb_eval = self._callback
         params.cb_eval_user_data = None
         self.ctx = llama_cpp.llama_init_from_model(model.model, params)
         if not self.ctx:
-            raise GatenormError(f"{model.path}: llama.cpp could not create a probing context of {n_ctx} tokens")
+            raise GatenormError(f"{model.path}: llama.cpp could not create a {n_seq}-sequence context of {n_ctx} tokens")
         self.n_ctx = n_ctx
-        self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self.n_batch = int(params.n_batch)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
     def close(self) -> None:
         if self.batch is not None:
@@ -216,6 +223,31 @@ class StreamProbe:
         elif layer in edits.patch:
             after[:] = residual + normed @ edits.patch[layer].T
 
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:
+        """Decode (token, position, sequence, wants_logits) entries after what the cache holds, ``n_batch`` at a
+        time; the logits of the wanted ones, in order."""
+        rows: list[np.ndarray] = []
+        for offset in range(0, len(entries), self.n_batch):
+            part = entries[offset : offset + self.n_batch]
+            self._tokens = self.batch.n_tokens = len(part)
+            for k, (token, position, sequence, wanted) in enumerate(part):
+                self.batch.token[k] = token
+                self.batch.pos[k] = position
+                self.batch.n_seq_id[k] = 1
+                self.batch.seq_id[k][0] = sequence
+                self.batch.logits[k] = wanted
+            status = llama_cpp.llama_decode(self.ctx, self.batch)
+            if status != 0:
+                raise GatenormError(f"{self.model.path}: llama.cpp failed to decode a batch (status {status})")
+            wanted = sum(entry[3] for entry in part)
+            if wanted:  # llama.cpp keeps the output rows in batch order
+                pointer = llama_cpp.llama_get_logits(self.ctx)
+                rows.append(np.ctypeslib.as_array(pointer, shape=(wanted, self.model.vocab_size)).copy())
+        return np.concatenate(rows) if rows else np.empty((0, self.model.vocab_size), dtype=np.float32)
+
     def logits(self, tokens: Sequence[int], outputs: range | None = None) -> np.ndarray:
         """Decode ``tokens`` at positions 0.. from an empty cache with the current edits; the logits of the
         positions in ``outputs`` (default: every token), in order."""
@@ -226,22 +258,9 @@ class StreamProbe:
         # llama.cpp keeps only the output rows in the last layer's stream: an edit there needs every row out
         every_row = self.model.geometry.n_layers - 1 in self.edits.layers()
         rows = set(range(count)) if every_row else set(wanted)
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
-        self._tokens = count
-        batch = self.batch
-        batch.n_tokens = count
-        for index, token in enumerate(tokens):
-            batch.token[index] = int(token)
-            batch.pos[index] = index
-            batch.n_seq_id[index] = 1
-            batch.seq_id[index][0] = 0
-            batch.logits[index] = index in rows
-        status = llama_cpp.llama_decode(self.ctx, batch)
-        if status != 0:
-            raise GatenormError(f"{self.model.path}: llama.cpp failed to decode a probe batch (status {status})")
-        pointer = llama_cpp.llama_get_logits(self.ctx)
-        logits = np.ctypeslib.as_array(pointer, shape=(len(rows), self.model.vocab_size))
-        return logits[wanted].copy() if every_row else logits.copy()
+        self.clear()
+        logits = self.decode([(int(token), index, 0, index in rows) for index, token in enumerate(tokens)])
+        return logits[wanted] if every_row else logits
 
     def run(
         self, sequences: Sequence[np.ndarray], edits: StreamEdits, on_logits: Callable[[int, np.ndarray], None],

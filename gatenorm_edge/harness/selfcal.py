@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from ..options import DEFAULT_SELF_TOKENS
 from ..cache import read_entry, write_entry
 from ..fileio import cache_folder, file_sha256
 from .model import LoadedModel
+from .probe import StreamEdits, StreamProbe
 from .prompts import PROMPTS_VERSION, prompt_set
 from .text import bos_chunk
 from ..progress import Ticker, progress_bar
@@ -84,6 +85,7 @@ class Calibration:
     sequences: tuple[tuple[int, ...], ...]
     settings: dict[str, Any]  # how it was made, as recorded in the JSON (sampled: also part of the cache key)
     cached: bool | None = None  # sampled: whether it came from the cache; None for a text file
+    captured: bool = False  # whether a ``Capture`` saw every token of these sequences while they were sampled
 
     @property
     def tokens(self) -> int:
@@ -163,50 +165,6 @@ def _sample_rows(
     return tokens, eog_share, log_z - raw[np.arange(len(raw)), tokens]
 
 
-class _Batch:
-    """A multi-sequence llama.cpp context: prefill prompts, then one token per sequence per decode."""
-
-    def __init__(self, model: LoadedModel, n_seq: int, n_ctx: int) -> None:
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = min(n_ctx, 2048)
-        params.n_seq_max = n_seq
-        params.kv_unified = False  # each sequence attends over its own cells only
-        params.n_threads = params.n_threads_batch = model.n_threads
-        params.flash_attn_type = 1
-        self.model = model
-        self.ctx = llama_cpp.llama_init_from_model(model.model, params)
-        if not self.ctx:
-            raise GatenormError(f"{model.path}: llama.cpp could not create a {n_seq}-sequence sampling context")
-        self.n_batch = int(params.n_batch)
-        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-
-    def close(self) -> None:
-        llama_cpp.llama_batch_free(self.batch)
-        llama_cpp.llama_free(self.ctx)
-
-    def decode(self, entries: list[tuple[int, int, int, bool]]) -> np.ndarray:
-        """Decode (token, position, sequence, wants_logits) entries; logits of the wanted ones, in order."""
-        rows: list[np.ndarray] = []
-        for offset in range(0, len(entries), self.n_batch):
-            part = entries[offset : offset + self.n_batch]
-            self.batch.n_tokens = len(part)
-            for k, (token, position, sequence, wanted) in enumerate(part):
-                self.batch.token[k] = token
-                self.batch.pos[k] = position
-                self.batch.n_seq_id[k] = 1
-                self.batch.seq_id[k][0] = sequence
-                self.batch.logits[k] = wanted
-            status = llama_cpp.llama_decode(self.ctx, self.batch)
-            if status != 0:
-                raise GatenormError(f"{self.model.path}: llama.cpp failed to decode a sampling batch (status {status})")
-            wanted = sum(entry[3] for entry in part)
-            if wanted:  # llama.cpp keeps the output rows in batch order
-                pointer = llama_cpp.llama_get_logits(self.ctx)
-                rows.append(np.ctypeslib.as_array(pointer, shape=(wanted, self.model.vocab_size)).copy())
-        return np.concatenate(rows)
-
-
 @dataclass(frozen=True)
 class Samples:
     """Sampled sequences (each its prompt, then samples) and the mean NLL of each one's sampled tokens."""
@@ -226,6 +184,16 @@ def sampler_tables(model: LoadedModel) -> tuple[np.ndarray, list[int], int]:
     return end, ([model.bos_token] if model.bos_token is not None else []), boundary
 
 
+@dataclass(frozen=True)
+class Capture:
+    """Edits that capture the residual stream while sampling, and what to do after each decode with the rows it
+    captured: ``on_rows(sequences, real)``, each row's sequence index and whether it is a real token of that
+    sequence (not a filler keeping a finished sequence in step)."""
+
+    edits: StreamEdits
+    on_rows: Callable[[np.ndarray, np.ndarray], None]
+
+
 def sample_sequences(
     model: LoadedModel,
     prompts: Sequence[Sequence[int]],
@@ -234,8 +202,11 @@ def sample_sequences(
     sampling: Sampling = Sampling(),
     progress: bool = False,
     label: str = "sampling calibration text",
+    capture: Capture | None = None,
 ) -> Samples:
-    """One sequence of ``seq_len`` tokens per prompt: the prompt's tokens, then samples; ``GROUP`` at a time."""
+    """One sequence of ``seq_len`` tokens per prompt: the prompt's tokens, then samples; ``GROUP`` at a time.
+    With ``capture``, every token of every sequence passes its edits once, in order of position (so no second
+    pass over the text is needed)."""
     sampling.check()
     if max(len(p) for p in prompts) >= seq_len:
         raise GatenormError(f"calibration sequences of {seq_len} tokens are shorter than their prompts")
@@ -247,7 +218,7 @@ def sample_sequences(
     with progress_bar(label, steps, progress) as tick:
         for first in range(0, len(prompts), GROUP):
             group = [list(p) for p in prompts[first : first + GROUP]]
-            done, sums = _sample_group(model, group, seq_len, end, rng, sampling, tick)
+            done, sums = _sample_group(model, group, first, seq_len, end, rng, sampling, tick, capture)
             sequences += done
             nll += [total / (seq_len - len(p)) for total, p in zip(sums, group)]
     check_not_repetitive(model.path, sequences, [len(p) for p in prompts])
@@ -255,34 +226,50 @@ def sample_sequences(
 
 
 def _sample_group(
-    model: LoadedModel, prompts: list[list[int]], seq_len: int, end: np.ndarray, rng: np.random.Generator,
-    sampling: Sampling, tick: Ticker,
+    model: LoadedModel, prompts: list[list[int]], first: int, seq_len: int, end: np.ndarray,
+    rng: np.random.Generator, sampling: Sampling, tick: Ticker, capture: Capture | None,
 ) -> tuple[list[list[int]], list[float]]:
-    """Sample one group of sequences in one context; their tokens and each one's summed NLL."""
+    """Sample one group of sequences (indices ``first``, ``first + 1``, ...) in one context; their tokens and each
+    one's summed NLL. Each prompt is decoded on its own, then every step decodes one token of every sequence, in
+    sequence order (a finished sequence repeats its last token, a filler), so each decode is one micro-batch
+    whose rows the capture can tell apart; the last sampled tokens are decoded too, for the capture."""
+    n = len(prompts)
     sequences = [list(p) for p in prompts]
-    sums = [0.0] * len(prompts)
-    batch = _Batch(model, len(prompts), len(prompts) * seq_len)
+    decoded = [0] * n  # tokens of each sequence the context has seen
+    sums = [0.0] * n
+    filler = seq_len + max(map(len, prompts)) - min(map(len, prompts)) + 1
+    probe = StreamProbe(model, n * filler, n_seq=n, n_batch=min(n * filler, 2048))
+    edits = capture.edits if capture is not None else StreamEdits()
     eog_shares: list[np.ndarray] = []
     try:
-        entries = [(t, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)]
-        logits = batch.decode(entries)
-        while active := [s for s, seq in enumerate(sequences) if len(seq) < seq_len]:
-            tokens, eog, token_nll = _sample_rows(logits, end, rng, sampling)
-            eog_shares.append(eog)
-            if np.any(tokens < 0) or len(eog_shares) == EARLY_CHECK_STEPS:
-                check_end_of_generation(model.path, np.concatenate(eog_shares), all_on_end=bool(np.any(tokens < 0)))
-            entries = []
-            for s, token, cost in zip(active, tokens, token_nll):
-                sequences[s].append(int(token))
-                sums[s] += float(cost)
-                if len(sequences[s]) < seq_len:
-                    entries.append((int(token), len(sequences[s]) - 1, s, True))
-            if entries:
-                logits = batch.decode(entries)
+        probe.set_edits(edits)
+        rows = []
+        for s, prompt in enumerate(prompts):  # one micro-batch per prompt, every row out (for the last layer)
+            rows.append(probe.decode([(t, i, s, True) for i, t in enumerate(prompt)])[-1])
+            decoded[s] = len(prompt)
+            if capture is not None:
+                capture.on_rows(np.full(len(prompt), first + s), np.ones(len(prompt), dtype=bool))
+        logits = np.stack(rows)
+        while any(d < seq_len for d in decoded):
+            active = [s for s in range(n) if len(sequences[s]) < seq_len]
+            if active:
+                tokens, eog, token_nll = _sample_rows(logits[active], end, rng, sampling)
+                eog_shares.append(eog)
+                if np.any(tokens < 0) or len(eog_shares) == EARLY_CHECK_STEPS:
+                    check_end_of_generation(model.path, np.concatenate(eog_shares), all_on_end=bool(np.any(tokens < 0)))
+                for s, token, cost in zip(active, tokens, token_nll):
+                    sequences[s].append(int(token))
+                    sums[s] += float(cost)
+            real = np.array([decoded[s] < seq_len for s in range(n)])
+            entries = [(sequences[s][min(decoded[s], seq_len - 1)], decoded[s], s, True) for s in range(n)]
+            logits = probe.decode(entries)
+            if capture is not None:
+                capture.on_rows(np.arange(first, first + n), real)
+            decoded = [d + 1 for d in decoded]
             tick()
         check_end_of_generation(model.path, np.concatenate(eog_shares))
     finally:
-        batch.close()
+        probe.close()
     return sequences, sums
 
 
@@ -315,8 +302,10 @@ def self_calibration(
     model_sha256: str | None = None,
     progress: bool = False,
     label: str = "sampling calibration text",
+    capture: Capture | None = None,
 ) -> Calibration:
     """Sampled calibration for ``model``, from the cache when this model and ``spec`` were sampled before.
+    ``capture`` sees every token while it is sampled, unless samples are to be dropped (or come from the cache).
 
     With ``spec.sampling.drop_worst`` = d, n / (1 - d) sequences are sampled and the d share with the highest
     mean NLL of their sampled tokens dropped; the others keep their order (the held-out ones stay spread over
@@ -337,12 +326,13 @@ def self_calibration(
     if stored is not None:
         sequences = tuple(tuple(int(t) for t in s) for s in stored["sequences"])
         return Calibration("self-sampled", stored["sha256"], sequences, settings, cached=True)
-    samples = sample_sequences(model, prompts.prompts, spec.seq_len, spec.seed, spec.sampling, progress, label)
+    capture = capture if spec.sampling.drop_worst == 0 else None
+    samples = sample_sequences(model, prompts.prompts, spec.seq_len, spec.seed, spec.sampling, progress, label, capture)
     keep = sorted(np.argsort(samples.nll, kind="stable")[:wanted])
     sequences = tuple(samples.sequences[i] for i in keep)
     digest = _token_digest(sequences)
     write_entry(cache, {"model_sha256": model_sha256, "settings": settings, "sha256": digest, "sequences": sequences})
-    return Calibration("self-sampled", digest, sequences, settings, cached=False)
+    return Calibration("self-sampled", digest, sequences, settings, cached=False, captured=capture is not None)
 
 
 def text_calibration(model: LoadedModel, path: Path, text: str, seq_len: int, n_seq: int) -> Calibration:

@@ -8,7 +8,7 @@ the same depths, in ``VALIDATION.processes`` fresh pairs of worker processes of 
 each measured ratio is the median of all their per-round ratios. The goal: every prediction within 5% of the
 measurement. (pp at depth settles at a speed that differs from one worker process to the next, by up to
 16% on one host: docs/budget.md; a single pair of processes cannot check a prediction to 5%.) tg at the deepest
-depth is measured a second time by llama.cpp's own llama-bench (``bench/llama_bench.py``: built from the vendored
+depth is measured a second time by llama.cpp's own llama-bench (``harness/llama_bench.py``: built from the vendored
 llama.cpp, one fresh process per round and model, A B A B), the median of its per-round ratios beside the
 others. Each pair's measurement is kept in ``bench/out/speedmodel-pairs/`` with its settings, so a stopped run
 resumes.
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.llama_bench import interleaved
 from gatenorm_edge.fetch import fetch_model
+from gatenorm_edge.harness.llama_bench import interleaved
 from gatenorm_edge.fileio import write_text_atomic
 from gatenorm_edge.harness.speed import BenchSettings, bench, paired_ratio
 from gatenorm_edge.rewrite import prune_gguf, window_gguf

@@ -34,7 +34,9 @@ def _digest(payload: Any) -> str:
 
 
 def seal(payload: Any) -> str:
-    """``payload`` (JSON-able) as one line of JSON that can prove itself."""
+    """``payload`` (JSON-able) as one line of JSON that can prove itself (digested as it reads back: integer
+    keys become strings)."""
+    payload = json.loads(json.dumps(payload))
     return json.dumps({"program": PROGRAM, "format": SEAL_FORMAT, "sha256": _digest(payload), "payload": payload},
                       separators=(",", ":"))
 

@@ -7,8 +7,10 @@ the file ``prune --speedup X --depth D`` writes (the data-free default: layers d
 cache and with each quantized ``stack`` cache on top. Every variant's perplexity is measured on the same chunks
 of a text, and all variants are benchmarked in one interleaved run (A B C ... A B C ...); speedups are medians
 of round-by-round ratios over the model with llama.cpp's default F16 cache. The Pareto frontier is the variants
-no other variant beats on both speed and perplexity. Every file and measurement is kept in ``out`` and reused,
-so an interrupted run resumes.
+no other variant beats on both speed and perplexity. Every file (``drop-x{X}.gguf``, ``window-x{X}.gguf``) and
+measurement (``ppl{ctx}-{cache type}-{base or file stem}.json``, ``bench-d{depth}.json``) is kept in ``out`` and
+reused when it was made for the same text, chunks and variants, so an interrupted run resumes (and the files
+and perplexities of ``tools/window_study.py``, which uses the same names, are reused).
 """
 
 from __future__ import annotations
@@ -79,9 +81,11 @@ class FrontierResult:
         }
 
 
-def cached_json(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The JSON at ``path``, computed and written atomically when missing: a rerun resumes."""
-    if not path.is_file():
+def cached_json(path: Path, compute: Callable[[], dict[str, Any]],
+                keep: Callable[[dict[str, Any]], bool] = lambda stored: True) -> dict[str, Any]:
+    """The JSON at ``path``, computed and written atomically when missing (or when ``keep`` rejects what is
+    there: made for other settings): a rerun resumes."""
+    if not path.is_file() or not keep(json.loads(path.read_text())):
         write_text_atomic(path, json.dumps(compute(), indent=1) + "\n")
     return json.loads(path.read_text())
 
@@ -123,13 +127,20 @@ def frontier(
     ppl = {}
     with progress_bar("perplexity of each variant", len(found), progress) as tick:
         for variant in found:
-            key = variant.name.replace(" ", "-")
-            ppl[variant.name] = cached_json(out / f"ppl-{key}-ctx{ctx}.json", lambda: perplexity(
-                variant.path, text, ctx=ctx, chunks=chunks, n_threads=threads, cache_type=variant.cache_type).to_dict())
+            stem = "base" if variant.kind == "base" else Path(variant.path).stem
+            ppl[variant.name] = cached_json(
+                out / f"ppl{ctx}-{variant.cache_type}-{stem}.json",
+                lambda: perplexity(variant.path, text, ctx=ctx, chunks=chunks, n_threads=threads,
+                                   cache_type=variant.cache_type).to_dict(),
+                lambda stored: (stored["text"], stored["chunks"]) == (str(text), chunks),
+            )
             tick(status=f"{variant.name}: {ppl[variant.name]['ppl']:.3f}")
     settings = settings or BenchSettings(prompt=256, gen=32, depths=(depth,), reps=3, threads=threads)
-    measured = cached_json(out / f"bench-d{depth}.json", lambda: bench(
-        [v.path for v in found], settings, progress=progress, cache_types=[v.cache_type for v in found]).to_dict())
+    measured = cached_json(
+        out / f"bench-d{depth}.json",
+        lambda: bench([v.path for v in found], settings, progress=progress, cache_types=[v.cache_type for v in found]).to_dict(),
+        lambda stored: stored["paths"] == [v.path for v in found] and stored["reps"] == settings.reps,
+    )
     labels = measured["models"]
     base_label, base_ppl = labels[0], ppl[found[0].name]["ppl"]
     points = []

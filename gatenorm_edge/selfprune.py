@@ -10,7 +10,7 @@ stream during a decode, so no candidate file is ever written):
    attention output against its normed input (fit and held-out apart), and how much it turns the
    residual stream (1 - cos(x, x + attention(x)), the ``cosine`` criterion).
 3. **patch**: per layer, a ridge linear patch W (x + W·attn_norm(x), deci linear attention) is fitted
-   on the fit part for each ridge of ``RIDGES``; the ridge with the smallest held-out error wins, and the
+   on the fit part for each ridge of ``patches.RIDGES``; the ridge with the smallest held-out error wins, and the
    patch is kept only where that error is below a plain drop's (relative error 1). Else the layer is dropped.
 4. **choose**: walk the cosine order; the first K + ``SHORTLIST_EXTRA`` layers are each dropped alone and
    scored by KL divergence from the base model on held-out tokens; any layer, then or later in the walk,
@@ -26,8 +26,6 @@ Measured against the alternatives in docs/study.md ("The data-free default").
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -39,53 +37,25 @@ import numpy as np
 
 from .errors import GatenormError
 from .options import DEFAULT_CACHE_TYPE
+from .patches import StreamStatistics, best_patch, capture_statistics, fits_path, recovered_edits, split_sequences
 from .speedmodel import Change
 from .harness.model import LoadedModel, open_model
-from .harness.probe import HeldOutDivergence, StreamEdits, StreamProbe, last_only
-from .progress import Ticker, progress_bar
+from .harness.probe import HeldOutDivergence, StreamProbe
+from .progress import progress_bar
 from .harness.selfcal import Calibration, CalibrationRecord, CalibrationSpec, Capture, self_calibration, text_calibration
 from .harness.text import read_text
-from .recovery import ridge_solve
 from .rewrite import PruneResult, check_output_path, prune_gguf
 from .rewrite_plan import as_written, attn_output_type, linear_tensor_type, plan_rewrite
 from .cache import read_arrays, write_arrays
-from .fileio import cache_folder, file_sha256
 from .scoring import score_model
 from .sources.geometry import gguf_geometry
 from .sources.gguf_file import GGUFFile
 
-RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-HELD_OUT = (2, 6, 9, 13)  # of 16 sequences, those kept for validation: other start texts than the fit part
 KLD_SEQUENCES = 2  # held-out sequences scored for KLD, in full; their second half is scored, as perplexity does
 SHORTLIST_EXTRA = 3
 VETO_FACTOR = 3.0
 STAGES = 5
 SELF_CALIBRATED_ARCHS = ("llama", "qwen2")  # whose llama.cpp graphs name attn_norm-L, ffn_inp-L and l_out-L
-
-
-@dataclass
-class LeastSquares:
-    """Sufficient statistics of Y ~ X W^T (X: normed inputs, Y: attention outputs): X^T X, X^T Y, sum |Y|^2."""
-
-    gram: np.ndarray
-    cross: np.ndarray
-    target_energy: float = 0.0
-    tokens: int = 0
-
-    @classmethod
-    def empty(cls, width: int) -> LeastSquares:
-        return cls(np.zeros((width, width)), np.zeros((width, width)))
-
-    def add(self, normed: np.ndarray, attention: np.ndarray) -> None:
-        self.gram += normed.T @ normed
-        self.cross += normed.T @ attention
-        self.target_energy += float(np.sum(np.square(attention, dtype=np.float64)))
-        self.tokens += len(normed)
-
-    def relative_error(self, matrix: np.ndarray) -> float:
-        """sum |Y - X W^T|^2 / sum |Y|^2 from the statistics alone (1.0 for W = 0, a plain drop)."""
-        error = self.target_energy - 2.0 * float(np.sum(self.cross.T * matrix)) + float(np.sum((matrix @ self.gram) * matrix))
-        return error / self.target_energy
 
 
 @dataclass
@@ -165,97 +135,6 @@ def check_count(count: int, n_layers: int) -> None:
     """K must leave layer 0 and one more layer with attention (llama.cpp needs both)."""
     if not 1 <= count <= n_layers - 2:
         raise GatenormError(f"--count must be between 1 and {n_layers - 2} for a {n_layers}-layer model, not {count}")
-
-
-def split_sequences(n_sequences: int) -> tuple[list[int], list[int]]:
-    """(fit, held-out) sequence indices; of 16, the held-out are ``HELD_OUT``, else every 4th from 2."""
-    held = list(HELD_OUT) if n_sequences == 16 else list(range(2, n_sequences, 4))
-    if not held or len(held) == n_sequences:
-        raise GatenormError(f"calibration needs at least 3 sequences to keep some apart for validation, not {n_sequences}")
-    return [i for i in range(n_sequences) if i not in held], held
-
-
-class StreamStatistics:
-    """Per layer, least-squares statistics of its attention output against its normed input (``fit`` and ``held``
-    out apart, by sequence), and the summed 1 - cos(x, x + attention) of every token (the ``cosine`` criterion)."""
-
-    def __init__(self, layers: Sequence[int], width: int, held: Sequence[int]) -> None:
-        self.fit = {layer: LeastSquares.empty(width) for layer in layers}
-        self.held = {layer: LeastSquares.empty(width) for layer in layers}
-        self.turn = dict.fromkeys(layers, 0.0)
-        self.tokens = 0
-        self.held_ids = np.asarray(sorted(held))
-        self.captured: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def edits(self, upstream: StreamEdits = StreamEdits()) -> StreamEdits:
-        """``upstream``'s drops and patches, plus the capture of every layer here (kept until ``add``)."""
-        return dataclasses.replace(upstream, capture=frozenset(self.fit), on_capture=lambda *arrays: self.captured.append(arrays))
-
-    def add(self, sequences: np.ndarray, real: np.ndarray) -> None:
-        """Fold in what the last decode captured: its rows' sequence indices, and which rows are real tokens.
-
-        The arithmetic waits until llama.cpp has finished the decode: inside its callback, NumPy would compete
-        with llama.cpp's own threads for the cores."""
-        held = np.isin(sequences, self.held_ids)
-        for rows, stats in ((real & ~held, self.fit), (real & held, self.held)):
-            if rows.any():
-                for layer, _x, normed, attention in self.captured:
-                    stats[layer].add(normed[rows], attention[rows])
-        for layer, x, _normed, attention in self.captured:
-            moved = x[real] + attention[real]
-            cos = np.sum(x[real] * moved, axis=1) / (np.linalg.norm(x[real], axis=1) * np.linalg.norm(moved, axis=1))
-            self.turn[layer] += float(np.sum(1.0 - cos))
-        self.tokens += int(real.sum())
-        self.captured.clear()
-
-    def cosine(self) -> dict[int, float]:
-        """Each layer's mean 1 - cos(x, x + attention) over every token."""
-        return {layer: turn / self.tokens for layer, turn in self.turn.items()}
-
-
-def capture_statistics(
-    probe: StreamProbe, sequences: Sequence[np.ndarray], layers: Sequence[int], held: Sequence[int], width: int,
-    tick: Ticker, upstream: StreamEdits = StreamEdits(),
-) -> StreamStatistics:
-    """``StreamStatistics`` of ``layers`` from one pass over ``sequences``, with the drops and patches of ``upstream``
-    applied to the stream (at layers before the captured ones)."""
-    stats = StreamStatistics(layers, width, held)
-    edits = stats.edits(upstream)
-    for index, sequence in enumerate(sequences):
-        probe.run([sequence], edits, lambda _index, _logits: None, last_only)
-        stats.add(np.full(len(sequence), index), np.ones(len(sequence), dtype=bool))
-        tick(status=f"sequence {index + 1}")
-    return stats
-
-
-def best_patch(fit: LeastSquares, held: LeastSquares) -> tuple[float, float, np.ndarray]:
-    """(ridge, held-out relative error, W) of the ridge in ``RIDGES`` with the smallest held-out error."""
-    best: tuple[float, float, np.ndarray] | None = None
-    for ridge in RIDGES:
-        matrix = ridge_solve(fit.gram, fit.cross, ridge)
-        error = held.relative_error(matrix)
-        if best is None or error < best[1]:
-            best = (ridge, error, matrix)
-    assert best is not None
-    return best
-
-
-FITS_VERSION = 1  # bump when the capture, the split or RIDGES change: part of the fits' cache key
-
-
-def fits_path(model: Path, calibration: Calibration) -> Path:
-    """Where the patches fitted on ``calibration`` are kept: by the model's sha256 and the calibration's digest."""
-    key = json.dumps([file_sha256(model), calibration.sha256, calibration.tokens, len(calibration.sequences), RIDGES,
-                      FITS_VERSION])
-    return cache_folder("fits") / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
-
-
-def recovered_edits(layers: Sequence[int], patches: dict[int, np.ndarray]) -> StreamEdits:
-    """Edits for ``layers`` removed, each patched where ``patches`` has it, dropped otherwise."""
-    return StreamEdits(
-        drop=frozenset(layer for layer in layers if layer not in patches),
-        patch={layer: patches[layer].astype(np.float32) for layer in layers if layer in patches},
-    )
 
 
 def load_calibration(

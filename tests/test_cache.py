@@ -133,3 +133,9 @@ def test_patches_whose_arrays_changed_are_fitted_again(stories260k: Path, tmp_pa
     with contextlib.closing(SelfCalibratedPruner(stories260k, spec=spec, n_threads=1)) as again:
         assert "fits_from_cache" not in again.seconds
     one_warning(capsys.readouterr().err, "patch-fit", arrays, "arrays do not match their checksum")
+
+
+def test_an_entry_keyed_by_layer_numbers_proves_itself_when_read_back() -> None:
+    """JSON turns integer keys into strings, whose order differs from ten up (the fitted patches' manifest)."""
+    payload = {layer: {"ridge": 0.1 * layer} for layer in (2, 9, 10, 29)}
+    assert unseal(seal(payload)) == {str(layer): value for layer, value in payload.items()}

@@ -147,7 +147,8 @@ def test_new_tensor_type_follows_the_source_where_gguf_can_quantize() -> None:
     assert linear_tensor_type(GGMLQuantizationType.F32, 64) == GGMLQuantizationType.F32
     assert linear_tensor_type(GGMLQuantizationType.Q4_1, 576) == GGMLQuantizationType.Q4_1
     assert linear_tensor_type(GGMLQuantizationType.Q8_0, 576) == GGMLQuantizationType.Q8_0
-    assert linear_tensor_type(GGMLQuantizationType.Q4_K, 1536) == GGMLQuantizationType.F16  # gguf cannot quantize Q4_K
+    assert linear_tensor_type(GGMLQuantizationType.Q4_K, 1536) == GGMLQuantizationType.Q8_0  # gguf cannot quantize Q4_K
+    assert linear_tensor_type(GGMLQuantizationType.Q4_K, 48) == GGMLQuantizationType.F16  # rows not in 32-wide blocks
 
 
 @pytest.mark.slow

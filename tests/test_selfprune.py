@@ -19,10 +19,11 @@ from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.probe import StreamEdits, StreamProbe
 from gatenorm_edge.harness.selfcal import CalibrationSpec, Capture, sample_sequences, self_calibration
 from gatenorm_edge.rewrite import prune_gguf
-from gatenorm_edge.selfprune import (
-    LeastSquares, SelfCalibratedPruner, StreamStatistics, best_patch, capture_statistics, recovered_edits,
-    split_sequences,
+from gatenorm_edge.options import DEFAULT_SELF_TOKENS
+from gatenorm_edge.patches import (
+    LeastSquares, StreamStatistics, best_patch, capture_statistics, recovered_edits, split_sequences,
 )
+from gatenorm_edge.selfprune import SelfCalibratedPruner
 from gatenorm_edge.sources.gguf_file import GGUFFile
 
 
@@ -167,7 +168,7 @@ def test_default_prune_through_the_cli_records_its_calibration(stories260k: Path
     data = json.loads(report.read_text())
     selfprune = data["selfprune"]
     calibration = selfprune["calibration"]
-    assert calibration["source"] == "self-sampled" and calibration["tokens"] == 16 * 256
+    assert calibration["source"] == "self-sampled" and calibration["tokens"] == DEFAULT_SELF_TOKENS
     stored = metadata(out)
     assert stored["gatenorm.calibration.source"] == "self-sampled"
     assert stored["gatenorm.calibration.sha256"] == calibration["sha256"]

@@ -7,6 +7,7 @@ A recipe is a name of dash-separated parts:
   today                 the default before issue 28: start texts, 16 x 256 tokens, T = 1, independent patches
                         (issue 14's "new"; its ingredients alone: "choice", today's layer choice with every layer
                         dropped, and "patch", per-head Gate-Norm's layers with today's validated patches)
+  new                   the data-free default after issue 28: `prune --count K` as it ships (CalibrationSpec())
   cal-SOURCE-TOKENSk[-t0.8][-p0.95][-d0.2][-seq]
                         self-sampled calibration: source mix|bos|starts|chat, TOKENS thousand tokens, temperature,
                         top-p, the dropped least-likely share, and sequential patches
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> None:
         with contextlib.ExitStack() as stack:
             pruner = None
             if recipe != "old":
-                spec, sequential = recipe_spec(recipe) if recipe.startswith("cal-") else (TODAY, False)
+                spec, sequential = (recipe_spec(recipe) if recipe.startswith("cal-")
+                                    else (CalibrationSpec(), False) if recipe == "new" else (TODAY, False))
                 calib = in_domain_slice(eval_texts[0], out) if recipe.startswith("ceiling-") else None
                 started = time.perf_counter()
                 pruner = stack.enter_context(contextlib.closing(SelfCalibratedPruner(

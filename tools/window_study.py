@@ -13,6 +13,7 @@ Resumable: every plan, file and measurement is cached in OUT; a finished item is
 
 Usage: python tools/window_study.py MODEL OUT [--window 512] [--depth 8192] [--targets 1.1,1.2,1.3]
                                     [--measures ppl4096,pk2048,...] [--caches f16,q8_0] [--stages plan,quality,speed]
+                                    [--files drop-x1.3,window-x1.3]
        python tools/window_study.py --table NAME=OUT [NAME=OUT ...]
 """
 
@@ -30,11 +31,12 @@ from typing import Any
 from gatenorm_edge.budget import Budget, plan_to_budget
 from gatenorm_edge.chooser import WINDOW, most_layers, template
 from gatenorm_edge.frontier import cached_json
-from gatenorm_edge.harness.model import open_model
+from gatenorm_edge.harness.llama_bench import interleaved
+from gatenorm_edge.harness.model import default_threads, open_model
 from gatenorm_edge.harness.passkey import passkey
 from gatenorm_edge.harness.perplexity import perplexity
 from gatenorm_edge.harness.selfcal import CalibrationSpec
-from gatenorm_edge.harness.speed import bench
+from gatenorm_edge.harness.speed import bench, paired_ratio
 from gatenorm_edge.rewrite import window_gguf
 from gatenorm_edge.selfprune import SelfCalibratedPruner, write_plan
 from gatenorm_edge.sources.geometry import gguf_geometry
@@ -45,6 +47,7 @@ WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw
 TODAY = CalibrationSpec(source="starts", tokens=16 * 256)  # the data-free default before issue 28
 MEASURES = ("ppl4096", "pk4096", "pk2048", "ppl8192", "pk8192")
 KV_CELLS = 32768
+LLAMA_BENCH_ROUNDS = 3
 
 
 def read(path: Path) -> dict[str, Any] | None:
@@ -89,11 +92,11 @@ def plans(model: Path, out: Path, targets: list[float], depth: int, window: int,
     return found
 
 
-def measure(name: str, path: Path, cache: str, threads: int | None) -> Callable[[], dict[str, Any]]:
-    """The computation of one measure of one file with one cache type."""
+def measure(name: str, path: Path, cache: str, threads: int | None, chunks: int) -> Callable[[], dict[str, Any]]:
+    """The computation of one measure of one file with one cache type (``chunks`` at ctx 4096, 3 above)."""
     if name.startswith("ppl"):
         ctx = int(name[3:])
-        chunks = 5 if ctx <= 4096 else 3
+        chunks = chunks if ctx <= 4096 else 3
         return lambda: perplexity(path, WIKI, ctx=ctx, chunks=chunks, n_threads=threads, cache_type=cache).to_dict()
     ctx = int(name[2:])
     return lambda: passkey(path, ctx, 5, n_threads=threads, cache_type=cache).to_dict()
@@ -117,12 +120,13 @@ def study(args: argparse.Namespace) -> None:
     targets = [float(t) for t in args.targets.split(",")]
     stages = args.stages.split(",")
     found = plans(model, out, targets, args.depth, args.window, args.threads) if "plan" in stages else {}
-    files = {"base": model} | {name: out / plan["file"] for name, plan in found.items()}
+    files = {"base": model} | {name: out / plan["file"] for name, plan in found.items()
+                               if not args.files or name in args.files.split(",")}
     if "quality" in stages:
         for measure_name in args.measures.split(","):
             for cache in args.caches.split(","):
                 for name, path in files.items():
-                    cached_json(out / f"{measure_name}-{cache}-{name}.json", measure(measure_name, path, cache, args.threads))
+                    cached_json(out / f"{measure_name}-{cache}-{name}.json", measure(measure_name, path, cache, args.threads, args.chunks))
                 print(f"{measure_name} {cache}: done", flush=True)
         for name, path in files.items():
             cached_json(out / f"kv32k-{name}.json", lambda: kv_figures(model, path))
@@ -135,6 +139,8 @@ def study(args: argparse.Namespace) -> None:
                     continue
                 cached_json(out / f"speed-{cache}-{name}.json", lambda: bench(
                     [model, path], settings, cache_types=["f16", cache]).to_dict())
+                cached_json(out / f"llama-bench-{cache}-{name}.json", lambda: {"depth": depth, "tg_tps": interleaved(
+                    [(model, "f16"), (path, cache)], depth, settings.gen, LLAMA_BENCH_ROUNDS, default_threads())})
                 print(f"speed {cache} {name}: done", flush=True)
 
 
@@ -148,22 +154,33 @@ def cell(out: Path, measure_name: str, cache: str, name: str) -> str:
     return f"{item['ppl']:.2f} ± {item['ppl_stderr']:.2f}{ratio}"
 
 
+def ratio_cell(base: list[float], changed: list[float], predicted: float | None) -> str:
+    """The median of round-by-round ratios, their range, and the prediction's error against the median."""
+    rounds = [after / before for after, before in zip(changed, base)]
+    measured = paired_ratio(changed, base)
+    error = f", {100 * (predicted / measured - 1):+.1f}%" if predicted else ""
+    return f"{measured:.3f}× ({min(rounds):.2f}–{max(rounds):.2f}){error}"
+
+
 def speed_cell(out: Path, cache: str, name: str, predicted: float | None) -> str:
     speed = read(out / f"speed-{cache}-{name}.json")
     if speed is None:
         return "—"
     depth = str(speed["depths"][0])
     base, changed = (speed["tg_tps"][label][depth]["samples"] for label in speed["models"])
-    rounds = [after / before for after, before in zip(changed, base)]
-    measured = speed["ratios"]["tg"][depth]
-    error = f", {100 * (predicted / measured - 1):+.1f}%" if predicted else ""
-    return f"{measured:.3f}× ({min(rounds):.2f}–{max(rounds):.2f}){error}"
+    return ratio_cell(base, changed, predicted)
+
+
+def llama_bench_cell(out: Path, cache: str, name: str, predicted: float | None) -> str:
+    measured = read(out / f"llama-bench-{cache}-{name}.json")
+    return "—" if measured is None else ratio_cell(*measured["tg_tps"], predicted)
 
 
 def table(studies: list[tuple[str, Path]]) -> str:
     """One row per model, file and cache type: the predicted and measured tg, PPL, pass-key and KV at 32k."""
-    lines = ["| model | file | KV cache | layers | tg predicted | tg measured (range, error) | PPL ctx 4096 | PPL ctx 8192 "
-             "| pass-key 2k / 4k / 8k | KV at 32k |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| model | file | KV cache | layers | tg predicted | tg `bench --vs` (range, error) | tg llama-bench (range, "
+             "error) | PPL ctx 4096 | PPL ctx 8192 | pass-key 2k / 4k / 8k | KV at 32k |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for label, out in studies:
         alone = read(out / "cache-alone.json") or {}
         for cache in ("f16", "q8_0"):
@@ -179,6 +196,7 @@ def table(studies: list[tuple[str, Path]]) -> str:
                 lines.append(
                     f"| {label} | {name} | {cache} | {layers} | {'' if predicted is None else f'{predicted:.3f}×'} | "
                     f"{'' if name == 'base' and cache == 'f16' else speed_cell(out, cache, name, predicted)} | "
+                    f"{'' if name == 'base' and cache == 'f16' else llama_bench_cell(out, cache, name, predicted)} | "
                     f"{cell(out, 'ppl4096', cache, name)} | {cell(out, 'ppl8192', cache, name)} | {keys} | {kv_cell} |"
                 )
     return "\n".join(lines) + "\n"
@@ -195,6 +213,8 @@ def main() -> int:
     parser.add_argument("--caches", default="f16,q8_0")
     parser.add_argument("--stages", default="plan,quality,speed")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--chunks", type=int, default=5, help="PPL chunks at ctx 4096 (the same for every file)")
+    parser.add_argument("--files", default="", help="measure only these files (e.g. drop-x1.3,window-x1.3) and the base")
     parser.add_argument("--table", nargs="+", metavar="NAME=OUT")
     args = parser.parse_args()
     if args.table:

@@ -19,8 +19,11 @@ quantized arithmetic. Layer 0 has no ``l_out`` before it and is never edited (it
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from collections.abc import Callable, Mapping, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import llama_cpp
@@ -129,6 +132,25 @@ def last_only(length: int) -> range:
     return range(length - 1, length)
 
 
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while llama.cpp decodes (raised inside the eval callback, ctypes would drop them);
+    raise KeyboardInterrupt once it returns if either came."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    held = [number for number in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(number))]  # Python's
+    previous = {number: signal.signal(number, lambda number, frame: came.append(number)) for number in held}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if came:
+        raise KeyboardInterrupt
+
+
 class StreamProbe:
     """A second llama.cpp context on a loaded model, decoding with ``StreamEdits``: one whole sequence at a time
     (``logits``, ``run``), or, with ``n_seq`` > 1, batches of tokens of many sequences (``decode``: sampling).
@@ -146,6 +168,7 @@ class StreamProbe:
         self._normed: dict[int, np.ndarray] = {}
         self._qkv: dict[tuple[str, int], np.ndarray] = {}
         self._tokens = 0
+        self._raised: BaseException | None = None  # raised inside the callback, where ctypes would swallow it
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -186,6 +209,15 @@ class StreamProbe:
         self._wanted = wanted
 
     def _on_tensor(self, pointer: int, ask: bool, user_data: ctypes.c_void_p) -> bool:
+        """llama.cpp's per-tensor callback: an exception stops the graph and is raised again once
+        ``llama_decode`` returns (ctypes would print and drop it)."""
+        try:
+            return self._look_at(pointer, ask)
+        except BaseException as raised:  # noqa: BLE001 - re-raised by decode, never dropped
+            self._raised = raised
+            return False
+
+    def _look_at(self, pointer: int, ask: bool) -> bool:
         name = GgmlTensorHead.from_address(pointer).name
         role = self._wanted.get(name)
         if ask or role is None:
@@ -239,7 +271,11 @@ class StreamProbe:
                 self.batch.n_seq_id[k] = 1
                 self.batch.seq_id[k][0] = sequence
                 self.batch.logits[k] = wanted
-            status = llama_cpp.llama_decode(self.ctx, self.batch)
+            with interrupts_held():
+                status = llama_cpp.llama_decode(self.ctx, self.batch)
+            if self._raised is not None:
+                raised, self._raised = self._raised, None
+                raise raised
             if status != 0:
                 raise GatenormError(f"{self.model.path}: llama.cpp failed to decode a batch (status {status})")
             wanted = sum(entry[3] for entry in part)

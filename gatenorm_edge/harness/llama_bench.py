@@ -18,9 +18,9 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-from gatenorm_edge.errors import GatenormError
-from gatenorm_edge.fileio import cache_folder
-from gatenorm_edge.native import NO_AMX_FLAGS, PACKAGE, BuildRecord, record_path
+from ..errors import GatenormError
+from ..fileio import cache_folder
+from ..native import NO_AMX_FLAGS, PACKAGE, BuildRecord, record_path
 
 CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                  "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_NATIVE=ON"]
@@ -59,7 +59,8 @@ def tg_rate(model: Path, cache_type: str, depth: int, gen: int, threads: int) ->
                "-t", str(threads), "-r", "1", "-ctk", cache_type, "-ctv", cache_type, "-o", "json"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise GatenormError(f"llama-bench failed on {model.name}: {done.stderr.strip().splitlines()[-1:]}")
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+        raise GatenormError(f"llama-bench failed on {model.name}: {last}")
     (row,) = json.loads(done.stdout)
     return float(row["avg_ts"])
 

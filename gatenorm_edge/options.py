@@ -16,6 +16,7 @@ MODES = (AUTO, "drop", "linear", "fold-vo", "window")
 DEFAULT_WINDOW = 512
 DEFAULT_CALIB_TOKENS = 2048  # linear: tokens cut from --calib
 CALIB_SOURCES = ("mix", "bos", "starts", "chat")  # what self-sampled calibration text is sampled from
+DEFAULT_FILE_TOKENS = 4096  # auto: tokens cut from --calib FILE (16 x 256, as the in-domain ceiling of docs/study.md)
 DEFAULT_SELF_TOKENS = 16384  # auto, window: tokens the model samples for its own calibration (docs/study.md)
 DEFAULT_CALIB_CTX = 512
 DEFAULT_RIDGE = 1e-2

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import GatenormError
 from ..options import (
-    AUTO, CALIB_SOURCES, CRITERIA, DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_RIDGE, DEFAULT_SELF_TOKENS,
+    AUTO, CALIB_SOURCES, CRITERIA, DEFAULT_CALIB_CTX, DEFAULT_CALIB_TOKENS, DEFAULT_FILE_TOKENS, DEFAULT_RIDGE, DEFAULT_SELF_TOKENS,
     DEFAULT_WINDOW, MODES, SELF, VARIANTS,
 )
 from .app import CacheType, app, check_output_folders, choices, chosen
@@ -90,8 +90,8 @@ def prune(
     ),
     calib_tokens: Optional[int] = typer.Option(
         None, "--calib-tokens",
-        help=f"Calibration tokens: auto sampled (default {DEFAULT_SELF_TOKENS}); linear cut from --calib "
-        f"(default {DEFAULT_CALIB_TOKENS}).",
+        help=f"Calibration tokens: auto and window sampled (default {DEFAULT_SELF_TOKENS}); auto cut from --calib "
+        f"(default {DEFAULT_FILE_TOKENS}); linear cut from --calib (default {DEFAULT_CALIB_TOKENS}).",
     ),
     calib_temperature: float = typer.Option(1.0, "--calib-temperature", help="auto, window: sampling temperature."),
     calib_top_p: float = typer.Option(1.0, "--calib-top-p", help="auto, window: the top-p nucleus sampled from (1: all)."),
@@ -152,7 +152,8 @@ def prune(
         result, report, note = prune_model(
             model, out, mode=mode or AUTO, count=count, budget=budget, window=window if mode == WINDOW else None,
             calib=calib, fixed=picked, force=force, progress=True,
-            spec=CalibrationSpec(chosen(calib_source), calib_tokens or DEFAULT_SELF_TOKENS, DEFAULT_SEQ_LEN,
+            spec=CalibrationSpec(chosen(calib_source), calib_tokens or (DEFAULT_FILE_TOKENS if calib else DEFAULT_SELF_TOKENS),
+                                 DEFAULT_SEQ_LEN,
                                  Sampling(calib_temperature, calib_top_p, calib_drop), seed),
         )
         key = "windows" if mode == WINDOW else "selfprune"

@@ -117,7 +117,8 @@ def test_bad_targets_are_one_line_and_write_nothing(stories260k: Path, tmp_path:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--speedup", "50", "--depth", "64"], "--speedup 50.0 is out of reach: removing 3 layers is predicted to give"),
+        (["--speedup", "50", "--depth", "64", "--mode", "auto"], "--speedup 50.0 is out of reach: removing 3 layers is predicted to give"),
+        (["--speedup", "50", "--depth", "64"], "--speedup 50.0 is out of reach: windowing 4 layers is predicted to give"),  # the default
         (["--max-kld", "1e-12"], "--max-kld 1e-12 is out of reach: removing one layer already gives a held-out KLD of"),
     ],
 )

@@ -38,3 +38,10 @@ def test_a_failing_llama_bench_is_one_line(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(llama_bench, "binary", lambda: fake_binary(tmp_path, tmp_path / "calls.txt"))
     with pytest.raises(GatenormError, match="llama-bench failed on c.gguf"):
         llama_bench.tg_rate(tmp_path / "c.gguf", "f16", 0, 8, 1)
+
+
+def test_without_cmake_the_build_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATENORM_CACHE", str(tmp_path))
+    monkeypatch.setattr(llama_bench.shutil, "which", lambda name: None)
+    with pytest.raises(GatenormError, match="needs cmake"):
+        llama_bench.binary()

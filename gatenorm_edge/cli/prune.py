@@ -27,7 +27,8 @@ CalibSource = choices("CalibSource", CALIB_SOURCES)
         "  gatenorm-edge prune model.gguf pruned.gguf --count 4\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --criterion per-head --mode drop\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --count 4 --calib my-own-text.txt --json result.json\n\n"
-        "  gatenorm-edge prune model.gguf pruned.gguf --speedup 1.2 --depth 8192\n\n"
+        "  gatenorm-edge prune model.gguf windowed.gguf --speedup 1.2 --depth 8192\n\n"
+        "  gatenorm-edge prune model.gguf pruned.gguf --speedup 1.2 --depth 8192 --mode auto\n\n"
         "  gatenorm-edge prune model.gguf windowed.gguf --count 8 --mode window --window 512\n\n"
         "  gatenorm-edge prune model.gguf windowed.gguf --speedup 1.3 --depth 8192 --mode window --cache-type q8_0\n\n"
         "  gatenorm-edge prune model.gguf pruned.gguf --kv-budget 256M --ctx 32768\n\n"
@@ -62,7 +63,7 @@ def prune(
     mode: Optional[Mode] = typer.Option(
         None, "--mode",
         help="auto (default with --count alone): a validated linear patch where it beats dropping, else drop; "
-        "drop (default otherwise): no attention; fold-vo: alpha*W_O*W_V; linear: least-squares linear attention "
+        "window (default with --speedup): see below; drop (default otherwise): no attention; fold-vo: alpha*W_O*W_V; linear: least-squares linear attention "
         "fitted on --calib; window: the layers keep attention but see only the last --window tokens, with sink "
         "logits fitted on the model's own samples (llama.cpp's granite_swa; its cost stops growing with depth).",
     ),
@@ -101,8 +102,9 @@ def prune(
     calib_ctx: int = typer.Option(DEFAULT_CALIB_CTX, "--calib-ctx", help="linear: tokens per calibration sequence."),
     ridge: float = typer.Option(DEFAULT_RIDGE, "--ridge", help="linear: ridge, relative to the mean input energy."),
     speedup: Optional[float] = typer.Option(
-        None, "--speedup", help="Instead of --count: the fewest layers (in the data-free default's order) whose "
-        "predicted speedup at --depth reaches this ratio; the speed model of this CPU is measured once and cached.",
+        None, "--speedup", help="Instead of --count: the fewest layers whose predicted speedup at --depth reaches "
+        "this ratio, windowed (--window tokens) unless --mode auto or drop is given; the speed model of this CPU is "
+        "measured once and cached.",
     ),
     depth: int = typer.Option(4096, "--depth", help="--speedup: the context depth in tokens the speedup is for."),
     metric: Metric = typer.Option("tg", "--metric", help="--speedup: tg (generation) or pp (prompt processing)."),
@@ -138,6 +140,8 @@ def prune(
                                      kv_budget, ctx, max_kld, chosen(cache_type))
     elif chosen(cache_type) != "f16":
         raise GatenormError("--cache-type goes with --speedup or --kv-budget (the file itself has no cache type)")
+    if speedup is not None and mode is None and calib is None:
+        mode = WINDOW  # issue 29's go/no-go (docs/windows.md): at the same speed, windows keep far more quality
     if targets or mode == WINDOW:
         if mode == WINDOW and (layers is not None or plan is not None or criterion not in (None, SELF)):
             raise GatenormError("--mode window chooses its own layers: give it --count K or a target, not --layers, --plan or --criterion")

@@ -33,6 +33,8 @@ def binary() -> Path:
     built = home / "build" / "bin" / "llama-bench"
     if built.is_file():
         return built
+    if shutil.which("cmake") is None:
+        raise GatenormError("building llama-bench needs cmake on PATH (pip install cmake, or the system's package)")
     record = BuildRecord.read(record_path())
     flags = [] if record is None or record.amx else [f"-DCMAKE_{lang}_FLAGS={NO_AMX_FLAGS}" for lang in ("C", "CXX")]
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,7 @@ Texts: wiki (WikiText-2 test), tiny (TinyStories), botchan (docs/texts: only for
 20 chunks (10,240 tokens of which 5,100 scored... see the JSON).
 
 Usage: python tools/calib_study.py MODEL OUT --recipes old,today,cal-mix-16k --counts 2,4,6,8 --texts wiki,tiny
-       python tools/calib_study.py --table NAME=OUT [NAME=OUT ...] [--recipes ...] [--texts ...]
+       python tools/calib_study.py --table NAME=OUT [NAME=OUT ...] [--recipes ...] [--texts ...] [--plot PNG]
 (issue 14's folders in docs/selfprune-study name today's recipe "new": --table ... --recipes old,new,choice,patch,ceiling)
 """
 
@@ -33,6 +33,7 @@ from pathlib import Path
 from gatenorm_edge.fileio import write_text_atomic
 from gatenorm_edge.harness.perplexity import perplexity
 from gatenorm_edge.harness.selfcal import CalibrationSpec, Sampling
+from gatenorm_edge.plots import require_matplotlib, save_figure
 from gatenorm_edge.rewrite import prune_gguf
 from gatenorm_edge.scoring import score_model
 from gatenorm_edge.selfprune import SelfCalibratedPruner, write_plan
@@ -118,10 +119,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def cell(out: Path, name: str, text: str) -> str:
-    base, item = out / "ppl" / f"base-{text}.json", out / "ppl" / f"{name}-{text}.json"
-    if not (base.is_file() and item.is_file()):
+    b, r = read_ppl(out, f"base-{text}"), read_ppl(out, f"{name}-{text}")
+    if b is None or r is None:
         return "—"
-    b, r = json.loads(base.read_text()), json.loads(item.read_text())
     return f"{r['ppl'] / b['ppl']:.3f}× ({r['ppl']:.2f} ± {r['ppl_stderr']:.2f})"
 
 
@@ -142,6 +142,43 @@ def table(label: str, out: Path, recipes: list[str], texts: list[str]) -> str:
     return "\n".join(rows)
 
 
+def size_curve(studies: list[tuple[str, Path]], texts: list[str], path: Path) -> None:
+    """PPL ÷ base against the number of self-sampled calibration tokens (the mixed source, T = 1), one panel per
+    model, a line per K and text, error bars from the pruned file's stderr."""
+    plt = require_matplotlib()
+    figure, axes = plt.subplots(1, len(studies), figsize=(5.5 * len(studies), 4), squeeze=False)
+    for axis, (label, out) in zip(axes[0], studies):
+        sizes = {CalibrationSpec().tokens: "new"}  # the shipped default is the mixed source at 16k
+        for item in (out / "ppl").glob("cal-mix-*k-k*-*.json"):
+            parts = item.stem.split("-")
+            if len(parts) == 5:  # cal-mix-Nk-kK-TEXT: T = 1, no top-p, nothing dropped, independent patches
+                sizes[int(parts[2].rstrip("k")) * 1024] = "-".join(parts[:3])
+        counts = sorted({int(p.stem.split("-k")[-1].split("-")[0]) for p in (out / "ppl").glob("new-k*-*.json")})
+        for k in counts:
+            for text in texts:
+                base = read_ppl(out, f"base-{text}")
+                points = sorted((tokens, read_ppl(out, f"{recipe}-k{k}-{text}")) for tokens, recipe in sizes.items())
+                points = [(tokens, r) for tokens, r in points if r is not None]
+                if base is None or len(points) < 2:
+                    continue
+                axis.errorbar([t for t, _ in points], [r["ppl"] / base["ppl"] for _, r in points],
+                              yerr=[r["ppl_stderr"] / base["ppl"] for _, r in points], marker="o", capsize=3,
+                              label=f"K = {k}, {TITLES[text]}")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(sorted(sizes), [f"{tokens // 1024}k" for tokens in sorted(sizes)])
+        axis.set_xlabel("self-sampled calibration tokens (mixed source, T = 1)")
+        axis.set_ylabel("PPL ÷ base (ctx 512, 20 chunks)")
+        axis.set_title(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    save_figure(figure, path)
+
+
+def read_ppl(out: Path, name: str) -> dict | None:
+    target = out / "ppl" / f"{name}.json"
+    return json.loads(target.read_text()) if target.is_file() else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, nargs="?")
@@ -152,11 +189,14 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--table", nargs="+", metavar="NAME=OUT")
+    parser.add_argument("--plot", type=Path, help="with --table: the calibration-size curve as a PNG")
     args = parser.parse_args()
     if args.table:
         recipes, texts = args.recipes.split(","), args.texts.split(",")
-        print("\n\n".join(table(*item.split("=", 1)[:1], Path(item.split("=", 1)[1]), recipes, texts)
-                          for item in args.table) + "\n")
+        studies = [(name, Path(out)) for name, out in (item.split("=", 1) for item in args.table)]
+        print("\n\n".join(table(name, out, recipes, texts) for name, out in studies) + "\n")
+        if args.plot:
+            size_curve(studies, texts, args.plot)
     else:
         run(args)
     return 0

@@ -54,12 +54,14 @@ def read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def plans(model: Path, out: Path, targets: list[float], depth: int, window: int, threads: int | None) -> dict[str, Any]:
-    """Per target: the drop plan (today's default) and the window plan, their files and predicted speedups."""
+def plans(model: Path, out: Path, targets: list[float], depth: int, window: int, threads: int | None,
+          caches: list[str]) -> dict[str, Any]:
+    """Per target: the drop plan (today's default) and the window plan, their files and predicted speedups (with
+    the F16 cache, and with each other cache type of ``caches``: a speed model at depth per type)."""
     settings = speed_settings(model, (0, depth))  # timed on every core, whatever ``threads`` the quality runs use
     depth = settings.depths[-1]  # cut to what the training context holds (SmolLM2: 7936)
     speeds = {cache: measure_speed_model(model, dataclasses.replace(settings, cache_type=cache), window=window,
-                                         progress=sys.stderr.isatty()) for cache in ("f16", "q8_0")}
+                                         progress=sys.stderr.isatty()) for cache in dict.fromkeys(("f16", *caches))}
     n_layers = gguf_geometry(model).n_layers
     found = {}
     for kind, mode in (("drop", "auto"), ("window", WINDOW)):
@@ -78,17 +80,17 @@ def plans(model: Path, out: Path, targets: list[float], depth: int, window: int,
                         write_plan(model, path, chosen, force=True, progress=False)
                     else:
                         window_gguf(model, path, chosen.layers, window, planner.sinks, force=True, provenance=chosen.provenance())
-                    q8 = speeds["q8_0"].speedup("tg", depth, chosen.change("q8_0"))
+                    q8 = speeds["q8_0"].speedup("tg", depth, chosen.change("q8_0")) if "q8_0" in speeds else None
                     record = {"kind": kind, "target": target, "depth": depth, "layers": chosen.layers,
                               "change": dataclasses.asdict(chosen.change()), "held_out_kld": chosen.held_out_kld,
                               "predicted": entry, "predicted_tg_q8_0": q8, "file": path.name}
                     (out / f"plan-{kind}-x{target}.json").write_text(json.dumps(record, indent=1) + "\n")
-                    print(f"{kind} x{target}: {len(chosen.layers)} layers, predicted tg {entry['tg_speedup']:.3f} "
-                          f"(q8_0 {q8:.3f})", flush=True)
+                    print(f"{kind} x{target}: {len(chosen.layers)} layers, predicted tg {entry['tg_speedup']:.3f}"
+                          + (f" (q8_0 {q8:.3f})" if q8 is not None else ""), flush=True)
         for target in targets:
             found[f"{kind}-x{target}"] = read(out / f"plan-{kind}-x{target}.json")
-    cached_json(out / "cache-alone.json", lambda: {
-        cache: speeds[cache].speedup("tg", depth, Change(cache_type=cache)) for cache in speeds})
+    cached_json(out / "cache-alone.json", lambda: {  # the F16 model times the unchanged model with every type
+        cache: speeds["f16"].speedup("tg", depth, Change(cache_type=cache)) for cache in ("f16", "q8_0")})
     return found
 
 
@@ -119,7 +121,7 @@ def study(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     targets = [float(t) for t in args.targets.split(",")]
     stages = args.stages.split(",")
-    found = plans(model, out, targets, args.depth, args.window, args.threads) if "plan" in stages else {}
+    found = plans(model, out, targets, args.depth, args.window, args.threads, args.caches.split(",")) if "plan" in stages else {}
     files = {"base": model} | {name: out / plan["file"] for name, plan in found.items()
                                if not args.files or name in args.files.split(",")}
     if "quality" in stages:

@@ -48,6 +48,7 @@ LONG_SEQUENCES = 8
 HELD_OUT = 2
 SAMPLE_LEN = 256
 KLD_STRIDE = 4  # every 4th position of a held-out sequence's second half is scored
+MAX_EXPONENT = 700.0  # e^700 is finite in float64; a larger sink changes nothing measurable
 
 
 @dataclass
@@ -79,8 +80,11 @@ class HeadErrors:
             weights[~inside] = 0.0
             z_in, n_in = weights.sum(axis=1).astype(np.float64), (weights @ values).astype(np.float64)
             a, b, c = np.sum(full * full, axis=1), np.sum(full * n_in, axis=1), np.sum(n_in * n_in, axis=1)
-            denominator = z_in[:, None] + np.exp(SINK_GRID[None, :] - top[:, None].astype(np.float64))
-            self.grid[h] += np.sum(a[:, None] - 2 * b[:, None] / denominator + c[:, None] / denominator**2, axis=0)
+            # 1 / (Z_in + e^(s - top)); a sink far above every score (qwen2 has queries whose best score is
+            # below -300) sends it to 0, the windowed output to 0 and the error to a, with no overflow
+            sink = np.exp(np.minimum(SINK_GRID[None, :] - top[:, None].astype(np.float64), MAX_EXPONENT))
+            inverse = 1.0 / (z_in[:, None] + sink)
+            self.grid[h] += np.sum(a[:, None] - 2 * b[:, None] * inverse + c[:, None] * inverse**2, axis=0)
             self.energy[h] += float(np.sum(a))
 
     def sinks(self) -> np.ndarray:

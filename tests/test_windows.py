@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,23 @@ def test_the_sink_grid_sums_the_errors_it_claims() -> None:
     best = errors.sinks()
     assert np.all(errors.grid[np.arange(4), np.searchsorted(SINK_GRID, best)] <= errors.grid[:, 0])
     assert errors.relative(best) < errors.relative(np.full(4, NO_SINK))
+
+
+def test_the_sink_grid_stays_exact_where_every_score_lies_far_below_the_sinks() -> None:
+    """qwen2.5-coder-1.5b has heads whose best score is below -300: e^(s - top) then squares past float64."""
+    rng = np.random.default_rng(5)
+    q, k, v = rng.normal(size=(24, 2, 8)), rng.normal(size=(24, 1, 8)), rng.normal(size=(24, 1, 8))
+    q[:, :, 0], k[:, :, 0] = -23.0, 50.0  # every score near -23 * 50 / sqrt(8) = -407
+    errors = HeadErrors.empty(2)
+    with warnings.catch_warnings(), np.errstate(over="raise", invalid="raise", divide="raise"):
+        warnings.simplefilter("error")
+        errors.add(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), window=4, stride=1)
+    full = windowed_attention(q, k, v, 10_000).reshape(24, 2, 8)
+    for index in (0, 1, len(SINK_GRID) - 1):
+        sinks = np.full(2, SINK_GRID[index])
+        direct = np.sum((full - windowed_attention(q, k, v, 4, sinks).reshape(24, 2, 8)) ** 2, axis=(0, 2))
+        np.testing.assert_allclose(errors.grid[:, index], direct, rtol=1e-4)
+    np.testing.assert_allclose(errors.grid[:, -1], errors.energy, rtol=1e-6)  # the sink swallows the window
 
 
 def test_long_sequences_repeat_their_first_sample_at_the_end() -> None:

@@ -72,6 +72,20 @@ def test_the_probe_windows_a_layer_as_the_file_does(stories260k: Path, tmp_path:
     assert np.abs(logits["probe"] - logits["file"]).max() < 0.1 < np.abs(logits["base"] - logits["file"]).max()
 
 
+def assert_grid_is_the_reference(
+    errors: HeadErrors, q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int, indexes: tuple[int, ...]
+) -> np.ndarray:
+    """Each grid column in ``indexes`` equals the squared error of the NumPy reference's windowed attention
+    with that sink on every head; returns full attention's output (tokens x heads x d)."""
+    shape = q.shape
+    full = windowed_attention(q, k, v, 10_000).reshape(shape)
+    for index in indexes:
+        sinks = np.full(shape[1], SINK_GRID[index])
+        direct = np.sum((full - windowed_attention(q, k, v, window, sinks).reshape(shape)) ** 2, axis=(0, 2))
+        np.testing.assert_allclose(errors.grid[:, index], direct, rtol=1e-4)
+    return full
+
+
 def test_the_sink_grid_sums_the_errors_it_claims() -> None:
     rng = np.random.default_rng(3)
     q, k, v = rng.normal(size=(40, 4, 8)), rng.normal(size=(40, 2, 8)), rng.normal(size=(40, 2, 8))
@@ -79,11 +93,7 @@ def test_the_sink_grid_sums_the_errors_it_claims() -> None:
     k[0, :, 0] = 6.0  # a first token every head attends to: the sink's job once it leaves the window
     errors = HeadErrors.empty(4)
     errors.add(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), window=6, stride=1)
-    full = windowed_attention(q, k, v, 10_000).reshape(40, 4, 8)
-    for index in (0, 37, len(SINK_GRID) - 1):
-        sinks = np.full(4, SINK_GRID[index])
-        direct = np.sum((full - windowed_attention(q, k, v, 6, sinks).reshape(40, 4, 8)) ** 2, axis=(0, 2))
-        np.testing.assert_allclose(errors.grid[:, index], direct, rtol=1e-4)
+    full = assert_grid_is_the_reference(errors, q, k, v, 6, (0, 37, len(SINK_GRID) - 1))
     np.testing.assert_allclose(errors.energy, np.sum(full**2, axis=(0, 2)), rtol=1e-5)
     best = errors.sinks()
     assert np.all(errors.grid[np.arange(4), np.searchsorted(SINK_GRID, best)] <= errors.grid[:, 0])
@@ -99,11 +109,7 @@ def test_the_sink_grid_stays_exact_where_every_score_lies_far_below_the_sinks() 
     with warnings.catch_warnings(), np.errstate(over="raise", invalid="raise", divide="raise"):
         warnings.simplefilter("error")
         errors.add(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), window=4, stride=1)
-    full = windowed_attention(q, k, v, 10_000).reshape(24, 2, 8)
-    for index in (0, 1, len(SINK_GRID) - 1):
-        sinks = np.full(2, SINK_GRID[index])
-        direct = np.sum((full - windowed_attention(q, k, v, 4, sinks).reshape(24, 2, 8)) ** 2, axis=(0, 2))
-        np.testing.assert_allclose(errors.grid[:, index], direct, rtol=1e-4)
+    assert_grid_is_the_reference(errors, q, k, v, 4, (0, 1, len(SINK_GRID) - 1))
     np.testing.assert_allclose(errors.grid[:, -1], errors.energy, rtol=1e-6)  # the sink swallows the window
 
 

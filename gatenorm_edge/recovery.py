@@ -173,7 +173,7 @@ def check_search_text(model_path: Path, text: Path, ctx: int = ALPHA_SEARCH_CTX)
 
 
 def search_alpha(
-    src: Path, dst_dir: Path, layers: Sequence[int], text: Path, progress: bool = False
+    src: Path, dst_dir: Path, layers: Sequence[int], text: Path, n_threads: int | None = None, progress: bool = False
 ) -> tuple[float, dict[str, float]]:
     """The alpha in ``ALPHA_GRID`` with the lowest fold-vo perplexity on ``text`` (ctx 256, 4 chunks)."""
     check_search_text(src, text)
@@ -183,7 +183,8 @@ def search_alpha(
             for alpha in ALPHA_GRID:
                 candidate = work / f"alpha{alpha}.gguf"
                 prune_gguf(src, candidate, layers, linear_maps=fold_vo_maps(src, alpha))
-                results[str(alpha)] = perplexity(candidate, text, ctx=ALPHA_SEARCH_CTX, chunks=ALPHA_SEARCH_CHUNKS).ppl
+                results[str(alpha)] = perplexity(candidate, text, ctx=ALPHA_SEARCH_CTX, chunks=ALPHA_SEARCH_CHUNKS,
+                                                 n_threads=n_threads).ppl
                 candidate.unlink()
                 tick(status=f"alpha {alpha}: PPL {results[str(alpha)]:.3f}")
     best = min(ALPHA_GRID, key=lambda alpha: results[str(alpha)])
@@ -222,6 +223,7 @@ def prune_with_recovery(
     ridge: float = DEFAULT_RIDGE,
     force: bool = False,
     provenance: dict[str, str] | None = None,
+    n_threads: int | None = None,
     progress: bool = False,
 ) -> tuple[PruneResult, RecoveryReport]:
     """``prune_gguf`` with the removed attention of ``layers`` dropped, folded (fold-vo) or fitted (linear)."""
@@ -240,7 +242,8 @@ def prune_with_recovery(
     plan_rewrite(src, layers, provenance, linear=layers)
     if mode == "fold-vo":
         if alpha_search_text is not None:
-            alpha, report.alpha_search = search_alpha(src, dst.resolve().parent, layers, alpha_search_text, progress)
+            alpha, report.alpha_search = search_alpha(
+                src, dst.resolve().parent, layers, alpha_search_text, n_threads, progress)
             provenance["alpha_search"] = f"{alpha_search_text.name}, ctx {ALPHA_SEARCH_CTX}, {ALPHA_SEARCH_CHUNKS} chunks"
         report.alpha = alpha
         provenance["alpha"] = repr(alpha)

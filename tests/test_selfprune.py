@@ -15,6 +15,7 @@ import pytest
 from gguf import GGUFReader
 
 from cli_helpers import assert_one_line_error, run_cli, run_cli_here, spawn_cli
+from gatenorm_edge.errors import GatenormError
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.probe import StreamEdits, StreamProbe
 from gatenorm_edge.harness.selfcal import CalibrationSpec, Capture, sample_sequences, self_calibration
@@ -192,6 +193,27 @@ def test_default_prune_on_smollm2(smollm2: Path, tmp_path: Path) -> None:
     assert min(c["kld"] for c in selfprune["candidates"]) > 0
     with contextlib.closing(open_model(out, n_ctx=64)) as model:
         assert np.isfinite(model.logits(model.tokenize_text("The cat sat on the mat."))).all()
+
+
+@pytest.mark.parametrize("target", [(), ("--speedup", "1.1", "--depth", "512")])
+def test_prune_threads_reach_the_pipeline_and_the_speed_model(
+    stories260k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: tuple[str, ...]
+) -> None:
+    seen: dict[str, object] = {}
+
+    def stop(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise GatenormError("stopped before any work")
+
+    monkeypatch.setattr("gatenorm_edge.chooser.prune_model", stop)
+    count = () if target else ("--count", "2")
+    result = run_cli_here("prune", stories260k, tmp_path / "p.gguf", *count, *target, "--threads", "1")
+    assert_one_line_error(result, "stopped before any work")
+    assert seen["n_threads"] == 1
+    assert (seen["budget"].threads == 1) if target else seen["budget"] is None  # type: ignore[attr-defined]
+    assert_one_line_error(run_cli_here("prune", stories260k, tmp_path / "p.gguf", "--count", "2", "--threads", "0"),
+                          "--threads")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

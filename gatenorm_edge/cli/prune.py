@@ -117,6 +117,9 @@ def prune(
         None, "--max-kld", help="Instead of --count: the most layers whose KL divergence from the model on held-out "
         "calibration text stays within this.",
     ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="CPU threads for llama.cpp's sampling, evaluation and speed model (default: all cores).",
+    ),
 ) -> None:
     """Rewrite MODEL so the chosen layers run without attention, or windowed, in stock llama.cpp.
 
@@ -137,7 +140,7 @@ def prune(
     budget = None
     if targets:
         budget = budget_from_options(targets, layers, count, plan, criterion, mode, speedup, depth, chosen(metric),
-                                     kv_budget, ctx, max_kld, chosen(cache_type))
+                                     kv_budget, ctx, max_kld, chosen(cache_type), threads)
     elif chosen(cache_type) != "f16":
         raise GatenormError("--cache-type goes with --speedup or --kv-budget (the file itself has no cache type)")
     if speedup is not None and mode is None and calib is None:
@@ -155,7 +158,7 @@ def prune(
             raise GatenormError(f"--criterion self goes with --mode auto, drop or window, not {mode}")
         result, report, note = prune_model(
             model, out, mode=mode or AUTO, count=count, budget=budget, window=window if mode == WINDOW else None,
-            calib=calib, fixed=picked, force=force, progress=True,
+            calib=calib, fixed=picked, force=force, n_threads=threads, progress=True,
             spec=CalibrationSpec(chosen(calib_source), calib_tokens or (DEFAULT_FILE_TOKENS if calib else DEFAULT_SELF_TOKENS),
                                  DEFAULT_SEQ_LEN,
                                  Sampling(calib_temperature, calib_top_p, calib_drop), seed),
@@ -168,7 +171,8 @@ def prune(
     else:
         result, recovery = prune_with_recovery(
             model, out, picked, mode, alpha=alpha, alpha_search_text=alpha_search, calib_text=calib,
-            calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, calib_ctx=calib_ctx, ridge=ridge, force=force, provenance=provenance, progress=True,
+            calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS, calib_ctx=calib_ctx, ridge=ridge, force=force, provenance=provenance,
+            n_threads=threads, progress=True,
         )
         details = {"recovery": recovery.to_dict()}
         summary = [("mode", mode + (f", alpha {recovery.alpha}" if recovery.alpha is not None else "")),
@@ -210,7 +214,7 @@ def predicted_rows(predicted: dict[str, Any] | None) -> list[tuple[str, Any]]:
 def budget_from_options(
     targets: list[str], layers: str | None, count: int | None, plan: Path | None, criterion: str | None,
     mode: str | None, speedup: float | None, depth: int, metric: str, kv_budget: str | None, ctx: int | None,
-    max_kld: float | None, cache_type: str,
+    max_kld: float | None, cache_type: str, threads: int | None,
 ) -> Any:
     """The ``Budget`` the target options ask for; one-line errors for options that cannot go with a target."""
     from ..budget import Budget, parse_size
@@ -223,7 +227,8 @@ def budget_from_options(
             f"{targets[0]} takes layers in the data-free default's order (--criterion self, --mode auto, drop or window)"
         )
     size = parse_size(kv_budget) if kv_budget is not None else None
-    return Budget(speedup=speedup, depth=depth, metric=metric, kv_budget=size, ctx=ctx, max_kld=max_kld, cache_type=cache_type)
+    return Budget(speedup=speedup, depth=depth, metric=metric, kv_budget=size, ctx=ctx, max_kld=max_kld, cache_type=cache_type,
+                  threads=threads)
 
 
 @app.command(

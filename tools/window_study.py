@@ -121,7 +121,11 @@ def study(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     targets = [float(t) for t in args.targets.split(",")]
     stages = args.stages.split(",")
-    found = plans(model, out, targets, args.depth, args.window, args.threads, args.caches.split(",")) if "plan" in stages else {}
+    if "plan" in stages:
+        found = plans(model, out, targets, args.depth, args.window, args.threads, args.caches.split(","))
+    else:  # the plans an earlier run wrote: their files are what the other stages measure
+        found = {f"{kind}-x{t}": plan for kind in ("drop", "window") for t in targets
+                 if (plan := read(out / f"plan-{kind}-x{t}.json")) is not None}
     files = {"base": model} | {name: out / plan["file"] for name, plan in found.items()
                                if not args.files or name in args.files.split(",")}
     if "quality" in stages:

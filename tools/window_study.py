@@ -63,7 +63,6 @@ def plans(model: Path, out: Path, targets: list[float], depth: int, window: int,
     speeds = {cache: measure_speed_model(model, dataclasses.replace(settings, cache_type=cache), window=window,
                                          progress=sys.stderr.isatty()) for cache in dict.fromkeys(("f16", *caches))}
     n_layers = gguf_geometry(model).n_layers
-    found = {}
     for kind, mode in (("drop", "auto"), ("window", WINDOW)):
         missing = [t for t in targets if read(out / f"plan-{kind}-x{t}.json") is None]
         if missing:
@@ -87,11 +86,15 @@ def plans(model: Path, out: Path, targets: list[float], depth: int, window: int,
                     (out / f"plan-{kind}-x{target}.json").write_text(json.dumps(record, indent=1) + "\n")
                     print(f"{kind} x{target}: {len(chosen.layers)} layers, predicted tg {entry['tg_speedup']:.3f}"
                           + (f" (q8_0 {q8:.3f})" if q8 is not None else ""), flush=True)
-        for target in targets:
-            found[f"{kind}-x{target}"] = read(out / f"plan-{kind}-x{target}.json")
     cached_json(out / "cache-alone.json", lambda: {  # the F16 model times the unchanged model with every type
         cache: speeds["f16"].speedup("tg", depth, Change(cache_type=cache)) for cache in ("f16", "q8_0")})
-    return found
+    return saved_plans(out, targets)
+
+
+def saved_plans(out: Path, targets: list[float]) -> dict[str, Any]:
+    """The drop and window plans written for ``targets`` so far, by name (``drop-x1.2``)."""
+    return {f"{kind}-x{t}": plan for kind in ("drop", "window") for t in targets
+            if (plan := read(out / f"plan-{kind}-x{t}.json")) is not None}
 
 
 def measure(name: str, path: Path, cache: str, threads: int | None, chunks: int) -> Callable[[], dict[str, Any]]:
@@ -124,8 +127,7 @@ def study(args: argparse.Namespace) -> None:
     if "plan" in stages:
         found = plans(model, out, targets, args.depth, args.window, args.threads, args.caches.split(","))
     else:  # the plans an earlier run wrote: their files are what the other stages measure
-        found = {f"{kind}-x{t}": plan for kind in ("drop", "window") for t in targets
-                 if (plan := read(out / f"plan-{kind}-x{t}.json")) is not None}
+        found = saved_plans(out, targets)
     files = {"base": model} | {name: out / plan["file"] for name, plan in found.items()
                                if not args.files or name in args.files.split(",")}
     if "quality" in stages:

@@ -13,8 +13,11 @@ from cli_helpers import assert_one_line_error, run_cli_here
 from gatenorm_edge.errors import GatenormError
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.prompts import REQUESTS, STARTS, chat_template, prompt_set, requests
+from gatenorm_edge.harness import selfcal
+from gatenorm_edge.harness.probe import StreamEdits
 from gatenorm_edge.harness.selfcal import (
-    CalibrationSpec, Sampling, _nucleus, check_end_of_generation, sample_sequences, sampler_tables, self_calibration,
+    CalibrationSpec, Capture, Sampling, _nucleus, check_end_of_generation, sample_sequences, sampler_tables,
+    self_calibration,
 )
 
 
@@ -68,6 +71,39 @@ def test_dropping_the_least_likely_samples_keeps_the_rest_in_order(stories260k: 
     worst = set(np.argsort(drawn.nll)[-2:])  # 8 drawn for 6 wanted
     assert kept.sequences == tuple(s for i, s in enumerate(drawn.sequences) if i not in worst)
     assert kept.settings["drop_worst"] == 0.25 and len(kept.sequences) == 6
+
+
+def test_an_interrupted_sampling_run_goes_on_from_its_last_group_to_the_same_tokens(
+    stories260k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(selfcal, "GROUP", 2)  # 6 sequences: 3 groups
+    spec = CalibrationSpec(tokens=6 * 48, seq_len=48, seed=4)
+    sample_group = selfcal._sample_group
+    calls: list[int] = []
+
+    def interrupted_in_third_group(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return sample_group(*args)
+
+    seen: list[int] = []
+    capture = Capture(StreamEdits(), lambda sequences, real: seen.append(len(sequences)))
+    with contextlib.closing(open_model(stories260k, n_ctx=64, n_threads=1)) as model:
+        unbroken = self_calibration(model, spec, cache_dir=tmp_path / "unbroken", capture=capture)
+        assert unbroken.captured and seen
+        monkeypatch.setattr(selfcal, "_sample_group", interrupted_in_third_group)
+        with pytest.raises(KeyboardInterrupt):
+            self_calibration(model, spec, cache_dir=tmp_path / "broken")
+        (progress,) = (tmp_path / "broken").iterdir()
+        assert progress.name.endswith(".partial.json")
+        assert len(selfcal.read_entry(progress, "calibration progress")["sequences"]) == 4
+        monkeypatch.setattr(selfcal, "_sample_group", sample_group)
+        seen.clear()
+        resumed = self_calibration(model, spec, cache_dir=tmp_path / "broken", capture=capture)
+    assert resumed.sequences == unbroken.sequences and resumed.sha256 == unbroken.sha256
+    assert not resumed.captured and not seen  # the capture missed the first groups: a second pass is needed
+    assert [entry.name for entry in (tmp_path / "broken").iterdir()] == [progress.name.replace(".partial", "")]
 
 
 def test_top_p_sampling_is_reproducible_and_differs_from_plain(stories260k: Path) -> None:

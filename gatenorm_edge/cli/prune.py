@@ -92,7 +92,7 @@ def prune(
     calib_tokens: Optional[int] = typer.Option(
         None, "--calib-tokens",
         help=f"Calibration tokens: auto and window sampled (default {DEFAULT_SELF_TOKENS}; 65536 fits better "
-        f"and samples 4x longer: docs/study.md); auto cut from --calib "
+        f"and samples 4x longer: docs/study.md; an interrupted run goes on from its last group of 64); auto cut from --calib "
         f"(default {DEFAULT_FILE_TOKENS}); linear cut from --calib (default {DEFAULT_CALIB_TOKENS}).",
     ),
     calib_temperature: float = typer.Option(1.0, "--calib-temperature", help="auto, window: sampling temperature."),

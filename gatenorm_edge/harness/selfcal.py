@@ -7,7 +7,8 @@ optionally within the top-p nucleus, from the model's distribution with end-of-g
 driven by NumPy's seeded generator, so the same model, seed and settings give the same tokens; optionally a
 share of the samples the model itself finds least likely (highest perplexity) is dropped (Ji et al., ICLR 2025).
 Results are cached by the model's sha256 and the settings under ``~/.cache/gatenorm-edge/calibration``, sealed
-(``cache``): written atomically, never half an entry, and a damaged entry is sampled again.
+(``cache``): written atomically, never half an entry, and a damaged entry is sampled again. A long run seals
+its progress after each group beside the entry (``.partial.json``); an interrupted run goes on from there.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ class Samples:
 
     sequences: tuple[tuple[int, ...], ...]
     nll: tuple[float, ...]
+    captured: bool  # whether the capture saw every token (not when the run went on from a checkpoint)
 
 
 def sampler_tables(model: LoadedModel) -> tuple[np.ndarray, list[int], int]:
@@ -203,10 +205,13 @@ def sample_sequences(
     progress: bool = False,
     label: str = "sampling calibration text",
     capture: Capture | None = None,
+    checkpoint: Path | None = None,
 ) -> Samples:
     """One sequence of ``seq_len`` tokens per prompt: the prompt's tokens, then samples; ``GROUP`` at a time.
     With ``capture``, every token of every sequence passes its edits once, in order of position (so no second
-    pass over the text is needed)."""
+    pass over the text is needed). With ``checkpoint``, the groups sampled so far and the generator's state are
+    sealed there after each group but the last; a run that finds them goes on after them and gives the tokens
+    of one unbroken run (its capture sees nothing then: it would miss the earlier groups)."""
     sampling.check()
     if max(len(p) for p in prompts) >= seq_len:
         raise GatenormError(f"calibration sequences of {seq_len} tokens are shorter than their prompts")
@@ -214,15 +219,24 @@ def sample_sequences(
     rng = np.random.default_rng(seed)
     sequences: list[list[int]] = []
     nll: list[float] = []
-    steps = sum(seq_len - min(len(p) for p in prompts[i : i + GROUP]) for i in range(0, len(prompts), GROUP))
-    with progress_bar(label, steps, progress) as tick:
-        for first in range(0, len(prompts), GROUP):
+    stored = read_entry(checkpoint, "calibration progress") if checkpoint is not None else None
+    if stored is not None:
+        sequences, nll = [list(seq) for seq in stored["sequences"]], list(stored["nll"])
+        rng.bit_generator.state = stored["rng"]
+        capture = None
+    starts = range(0, len(prompts), GROUP)
+    steps = [seq_len - min(len(p) for p in prompts[i : i + GROUP]) for i in starts]
+    with progress_bar(label, sum(steps), progress) as tick:
+        tick(sum(steps[: len(sequences) // GROUP]))
+        for first in starts[len(sequences) // GROUP :]:
             group = [list(p) for p in prompts[first : first + GROUP]]
             done, sums = _sample_group(model, group, first, seq_len, end, rng, sampling, tick, capture)
             sequences += done
             nll += [total / (seq_len - len(p)) for total, p in zip(sums, group)]
+            if checkpoint is not None and len(sequences) < len(prompts):
+                write_entry(checkpoint, {"sequences": sequences, "nll": nll, "rng": rng.bit_generator.state})
     check_not_repetitive(model.path, sequences, [len(p) for p in prompts])
-    return Samples(tuple(tuple(seq) for seq in sequences), tuple(nll))
+    return Samples(tuple(tuple(seq) for seq in sequences), tuple(nll), captured=capture is not None)
 
 
 def _sample_group(
@@ -327,12 +341,16 @@ def self_calibration(
         sequences = tuple(tuple(int(t) for t in s) for s in stored["sequences"])
         return Calibration("self-sampled", stored["sha256"], sequences, settings, cached=True)
     capture = capture if spec.sampling.drop_worst == 0 else None
-    samples = sample_sequences(model, prompts.prompts, spec.seq_len, spec.seed, spec.sampling, progress, label, capture)
+    checkpoint = cache.with_suffix(".partial.json")
+    samples = sample_sequences(
+        model, prompts.prompts, spec.seq_len, spec.seed, spec.sampling, progress, label, capture, checkpoint
+    )
     keep = sorted(np.argsort(samples.nll, kind="stable")[:wanted])
     sequences = tuple(samples.sequences[i] for i in keep)
     digest = _token_digest(sequences)
     write_entry(cache, {"model_sha256": model_sha256, "settings": settings, "sha256": digest, "sequences": sequences})
-    return Calibration("self-sampled", digest, sequences, settings, cached=False, captured=capture is not None)
+    checkpoint.unlink(missing_ok=True)
+    return Calibration("self-sampled", digest, sequences, settings, cached=False, captured=samples.captured)
 
 
 def text_calibration(model: LoadedModel, path: Path, text: str, seq_len: int, n_seq: int) -> Calibration:

@@ -8,6 +8,8 @@ A recipe is a name of dash-separated parts:
                         (issue 14's "new"; its ingredients alone: "choice", today's layer choice with every layer
                         dropped, and "patch", per-head Gate-Norm's layers with today's validated patches)
   new                   the data-free default after issue 28: `prune --count K` as it ships (CalibrationSpec())
+  self                  the same, with the guard's choice of layers taken away: always the self-calibrated set
+                        (patched where that beats dropping), even where per-head Gate-Norm's set wins held out
   cal-SOURCE-TOKENSk[-t0.8][-p0.95][-d0.2][-seq]
                         self-sampled calibration: source mix|bos|starts|chat, TOKENS thousand tokens, temperature,
                         top-p, the dropped least-likely share, and sequential patches
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
             pruner = None
             if recipe != "old":
                 spec, sequential = (recipe_spec(recipe) if recipe.startswith("cal-")
-                                    else (CalibrationSpec(), False) if recipe == "new" else (TODAY, False))
+                                    else (CalibrationSpec(), False) if recipe in ("new", "self") else (TODAY, False))
                 calib = in_domain_slice(eval_texts[0], out) if recipe.startswith("ceiling-") else None
                 started = time.perf_counter()
                 pruner = stack.enter_context(contextlib.closing(SelfCalibratedPruner(
@@ -108,6 +110,9 @@ def run(args: argparse.Namespace) -> None:
                 else:
                     fixed = score_model(args.model, "per-head").prune_order[:k] if recipe == "patch" else None
                     report = pruner.plan(k, fixed=fixed)
+                    if recipe == "self" and report.picked != "self-calibrated":
+                        own = next(c.layers for c in report.candidates if c.name == "self-calibrated")
+                        report = pruner.plan(k, fixed=own)
                     write_plan(args.model, path, report, force=True, progress=False)
                     record = report.to_dict() | {"prepare_seconds": prepared}
                     write_text_atomic(out / f"{recipe}-k{k}.report.json", json.dumps(record, indent=1) + "\n")

@@ -41,6 +41,17 @@ def spawn_cli(*args: str | Path, prelude: str = "", env: dict[str, str] | None =
     )
 
 
+def finish(process: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """A spawned CLI's stdout and stderr once it ends; past ``timeout`` it is killed (never left running) and
+    the test fails."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+
+
 def run_cli_here(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """``gatenorm-edge ARGS`` in this process (for commands that load no llama.cpp model, where a separate
     process proves nothing more): stdout and stderr captured through real files, the exit status kept."""

@@ -6,6 +6,11 @@ position's raw logits) and NumPy float64 log-softmax, chunked as llama-perplexit
 
 from __future__ import annotations
 
+import _thread
+import contextlib
+import signal
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp
@@ -13,8 +18,10 @@ import numpy as np
 import pytest
 
 from gatenorm_edge.harness.kld import kl_divergence
+from gatenorm_edge.harness import model as model_module
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.perplexity import perplexity
+from gatenorm_edge.harness.probe import StreamProbe
 from gatenorm_edge.harness.speed import BenchSettings, _Runner, bench, peak_rss_bytes
 from gatenorm_edge.harness.selfcal import sampled_text
 from gatenorm_edge.rewrite import prune_gguf
@@ -214,3 +221,52 @@ def test_sampled_text_is_reproducible(stories260k: Path) -> None:
         assert len(model.tokenize_text(first)) >= 80
     finally:
         model.close()
+
+
+
+class InterruptOnce(deque):
+    """llama.cpp's in-memory log, with a Ctrl-C arriving as its next line is kept: Python runs the handler at
+    its next bytecode, inside the ctypes log callback, as with a real Ctrl-C while llama.cpp loads or logs."""
+
+    fired = False
+
+    def append(self, line: str) -> None:
+        if not self.fired:
+            self.fired = True
+            _thread.interrupt_main(signal.SIGINT)
+        super().append(line)
+
+
+@pytest.fixture
+def arm_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Call it to have a Ctrl-C arrive while llama.cpp logs its next line."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    return lambda: monkeypatch.setattr(model_module, "_log_chunks", InterruptOnce(maxlen=4000))
+
+
+def test_ctrl_c_while_a_model_loads_is_raised_not_dropped(stories260k: Path, arm_ctrl_c: Callable[[], None]) -> None:
+    arm_ctrl_c()
+    with pytest.raises(KeyboardInterrupt):
+        open_model(stories260k, n_ctx=64, n_threads=1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_while_a_probe_context_is_made_is_raised_not_dropped(
+    stories260k: Path, arm_ctrl_c: Callable[[], None]
+) -> None:
+    with contextlib.closing(open_model(stories260k, n_ctx=64, n_threads=1)) as model:
+        arm_ctrl_c()
+        with pytest.raises(KeyboardInterrupt):
+            StreamProbe(model, 32)
+
+
+def test_ctrl_c_a_log_line_caught_between_native_calls_is_raised_at_the_next_ones_end(
+    stories260k: Path, arm_ctrl_c: Callable[[], None]
+) -> None:
+    with contextlib.closing(open_model(stories260k, n_ctx=64, n_threads=1)) as model:
+        arm_ctrl_c()
+        model_module._keep_log(2, b"a line logged between native calls\n", None)  # through ctypes, as llama.cpp calls it
+        with pytest.raises(KeyboardInterrupt):
+            model.logits([1, 2, 3])
+        model.clear()
+        assert len(model.logits([1, 2, 3])) == 1  # raised once

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from cli_helpers import assert_one_line_error, run_cli, run_cli_here, spawn_cli
+from cli_helpers import assert_one_line_error, finish, run_cli, run_cli_here, spawn_cli
 from gatenorm_edge.errors import GatenormError
 from gatenorm_edge.harness.model import open_model
 from gatenorm_edge.harness.probe import StreamEdits, StreamProbe
@@ -282,7 +282,7 @@ def test_interrupted_default_prune_leaves_nothing_half_written(
     process = spawn_cli("prune", smollm2, out, "--count", "2")
     time.sleep(4.0)  # inside sampling: the whole run takes a minute or more on SmolLM2
     process.send_signal(signal_number)
-    process.communicate(timeout=120)
+    finish(process, 120)
     assert process.returncode == 130
     assert list(folder.iterdir()) == []
     for entry in private_cache.rglob("*"):

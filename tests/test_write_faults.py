@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import ROOT, assert_one_line_error, run_cli, spawn_cli
+from cli_helpers import ROOT, assert_one_line_error, finish, run_cli, spawn_cli
 
 from gatenorm_edge.fileio import PARTIAL_TAG
 from gatenorm_edge.inspection import attention_free_layers
@@ -56,7 +56,7 @@ def wait_for(marker: Path, process: subprocess.Popen[str], timeout: float = 120)
 
 def interrupt(process: subprocess.Popen[str], signal_number: int) -> str:
     process.send_signal(signal_number)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = finish(process, 120)
     return stderr
 
 
@@ -101,7 +101,7 @@ def test_two_writers_of_one_output_never_corrupt_it(stories260k: Path, tmp_path:
         for layer in ("1", "2")
     ]
     for writer in writers:
-        _, stderr = writer.communicate(timeout=300)
+        _, stderr = finish(writer, 300)
         assert writer.returncode == 0, stderr
     assert out.read_bytes() in {path.read_bytes() for path in references.values()}
     assert list(out.parent.iterdir()) == [out]

@@ -9,12 +9,15 @@ where they are needed, ``clear`` empties the KV cache, ``save_state``/``restore_
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
+import signal
+import threading
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import llama_cpp
@@ -33,14 +36,40 @@ SWA_PAGE = 256  # llama.cpp sizes a sliding-window cache in whole pages of this 
 KV_SIZE_LINE = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB")
 
 _log_chunks: deque[str] = deque(maxlen=4000)
+_interrupted: list[int] = []  # Ctrl-C or SIGTERM that came while llama.cpp ran, raised once it returns
 
 
 @llama_cpp.llama_log_callback
 def _keep_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    _log_chunks.append(text.decode("utf-8", "replace"))
+    try:
+        _log_chunks.append(text.decode("utf-8", "replace"))
+    except KeyboardInterrupt:  # outside interrupts_held: ctypes would drop it; the next held call raises it
+        _interrupted.append(signal.SIGINT)
 
 
 llama_cpp.llama_log_set(_keep_log, ctypes.c_void_p(0))
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while llama.cpp runs; raise KeyboardInterrupt once it returns if either came.
+
+    Python runs a signal's handler at its next bytecode, which during a native call is inside one of our
+    ctypes callbacks (llama.cpp's log, the probe's eval callback); raised there, ctypes would print and drop
+    it, and a Ctrl-C while a model loads or a context is made would be lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = [number for number in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(number))]  # Python's
+    previous = {number: signal.signal(number, lambda number, frame: _interrupted.append(number)) for number in held}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if _interrupted:
+        _interrupted.clear()
+        raise KeyboardInterrupt
 
 
 def llama_log_lines() -> list[str]:
@@ -115,20 +144,21 @@ class LoadedModel(llama_cpp.Llama):
         _log_chunks.clear()
         started = time.perf_counter()
         try:
-            super().__init__(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_ubatch=min(n_batch, DEFAULT_UBATCH),
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
-                flash_attn=flash_attn,
-                logits_all=logits_all,
-                swa_full=False if geometry.windowed else None,
-                type_k=kv_type,
-                type_v=kv_type,
-                verbose=False,
-            )
+            with interrupts_held():
+                super().__init__(
+                    model_path=str(path),
+                    n_ctx=n_ctx,
+                    n_batch=n_batch,
+                    n_ubatch=min(n_batch, DEFAULT_UBATCH),
+                    n_threads=n_threads,
+                    n_threads_batch=n_threads,
+                    flash_attn=flash_attn,
+                    logits_all=logits_all,
+                    swa_full=False if geometry.windowed else None,
+                    type_k=kv_type,
+                    type_v=kv_type,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError) as exc:
             errors = [line for line in llama_log_lines() if "error" in line.lower()]
             reason = errors[-1].strip() if errors else str(exc)
@@ -147,7 +177,7 @@ class LoadedModel(llama_cpp.Llama):
         if batch is not None:
             llama_cpp.llama_batch_free(batch)
             self._decode_batch = None
-        super().close()
+        super().close()  # never held: Llama.__del__ calls it, and Python drops what __del__ raises
 
     def tokenize_text(self, text: str) -> list[int]:
         """Tokens of ``text`` as llama.cpp's tools make them: BOS when the vocab adds one, no special parsing."""
@@ -188,7 +218,8 @@ class LoadedModel(llama_cpp.Llama):
                 wanted = index >= first_output
                 batch.logits[k] = wanted
                 n_outputs += wanted
-            status = llama_cpp.llama_decode(self.ctx, batch)
+            with interrupts_held():
+                status = llama_cpp.llama_decode(self.ctx, batch)
             if status != 0:
                 raise GatenormError(f"{self.path}: llama.cpp failed to decode a batch (status {status})")
             if n_outputs:

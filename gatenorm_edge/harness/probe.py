@@ -19,11 +19,8 @@ quantized arithmetic. Layer 0 has no ``l_out`` before it and is never edited (it
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import signal
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import llama_cpp
@@ -31,7 +28,7 @@ import numpy as np
 
 from ..errors import GatenormError
 from .logprobs import log_softmax, row_blocks
-from .model import LoadedModel
+from .model import LoadedModel, interrupts_held
 
 GGML_TYPE_F32 = 0
 
@@ -132,25 +129,6 @@ def last_only(length: int) -> range:
     return range(length - 1, length)
 
 
-@contextlib.contextmanager
-def interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM while llama.cpp decodes (raised inside the eval callback, ctypes would drop them);
-    raise KeyboardInterrupt once it returns if either came."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    came: list[int] = []
-    held = [number for number in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(number))]  # Python's
-    previous = {number: signal.signal(number, lambda number, frame: came.append(number)) for number in held}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    if came:
-        raise KeyboardInterrupt
-
-
 class StreamProbe:
     """A second llama.cpp context on a loaded model, decoding with ``StreamEdits``: one whole sequence at a time
     (``logits``, ``run``), or, with ``n_seq`` > 1, batches of tokens of many sequences (``decode``: sampling).
@@ -179,7 +157,8 @@ class StreamProbe:
         params.flash_attn_type = 1  # LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.cb_eval = self._callback
         params.cb_eval_user_data = None
-        self.ctx = llama_cpp.llama_init_from_model(model.model, params)
+        with interrupts_held():
+            self.ctx = llama_cpp.llama_init_from_model(model.model, params)
         if not self.ctx:
             raise GatenormError(f"{model.path}: llama.cpp could not create a {n_seq}-sequence context of {n_ctx} tokens")
         self.n_ctx = n_ctx

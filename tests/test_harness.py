@@ -1,4 +1,5 @@
-"""Perplexity, KL divergence, KV bytes and bench of the llama.cpp harness, checked against independent computations.
+"""Perplexity, KL divergence, KV bytes and bench of the llama.cpp harness, checked against independent computations;
+and a Ctrl-C that comes while llama.cpp runs (loading, making a context, logging) is raised, never dropped.
 
 The reference side uses llama-cpp-python's high-level ``Llama.eval`` with ``logits_all=True`` (every
 position's raw logits) and NumPy float64 log-softmax, chunked as llama-perplexity chunks.
@@ -221,7 +222,6 @@ def test_sampled_text_is_reproducible(stories260k: Path) -> None:
         assert len(model.tokenize_text(first)) >= 80
     finally:
         model.close()
-
 
 
 class InterruptOnce(deque):

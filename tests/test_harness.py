@@ -252,12 +252,16 @@ def test_ctrl_c_while_a_model_loads_is_raised_not_dropped(stories260k: Path, arm
 
 
 def test_ctrl_c_while_a_probe_context_is_made_is_raised_not_dropped(
-    stories260k: Path, arm_ctrl_c: Callable[[], None]
+    stories260k: Path, arm_ctrl_c: Callable[[], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    llama_free = llama_cpp.llama_free
     with contextlib.closing(open_model(stories260k, n_ctx=64, n_threads=1)) as model:
+        freed: list[object] = []
+        monkeypatch.setattr(llama_cpp, "llama_free", lambda ctx: freed.append(ctx) or llama_free(ctx))
         arm_ctrl_c()
         with pytest.raises(KeyboardInterrupt):
             StreamProbe(model, 32)
+        assert len(freed) == 1 and freed[0]  # the context made before the Ctrl-C was raised is not leaked
 
 
 def test_ctrl_c_a_log_line_caught_between_native_calls_is_raised_at_the_next_ones_end(

@@ -157,8 +157,13 @@ class StreamProbe:
         params.flash_attn_type = 1  # LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.cb_eval = self._callback
         params.cb_eval_user_data = None
-        with interrupts_held():
-            self.ctx = llama_cpp.llama_init_from_model(model.model, params)
+        self.batch = None
+        try:
+            with interrupts_held():
+                self.ctx = llama_cpp.llama_init_from_model(model.model, params)
+        except KeyboardInterrupt:  # raised once the context exists: free it before the caller loses it
+            self.close()
+            raise
         if not self.ctx:
             raise GatenormError(f"{model.path}: llama.cpp could not create a {n_seq}-sequence context of {n_ctx} tokens")
         self.n_ctx = n_ctx

@@ -123,19 +123,21 @@ class Budget:
         return speed
 
     def cache_alone(self, path: Path, speed: SpeedModel | None) -> str | None:
-        """A line for when a quantized KV cache, with no layer changed, already meets the target (else None)."""
+        """A line for when a quantized KV cache, with no layer changed, already meets the target (else None). Its
+        perplexity is not known here (a q4_0 cache can wreck a qwen2 model), so the line says how to measure it."""
         for cache_type, flags in CACHE_FLAGS.items():
             unchanged = Change(cache_type=cache_type)
             if not cache_type_fits(path, cache_type):
                 continue
+            check = f"; check its perplexity first: gatenorm-edge ppl {path.name} --text FILE --cache-type {cache_type}"
             if self.speedup is not None and speed is not None and speed.covers(unchanged):
                 gain = speed.speedup(self.metric, self.depth, unchanged)
                 if gain >= self.speedup:
                     return (f"note: a {cache_type} KV cache alone is predicted to give {gain:.3f}x {self.metric} at depth "
-                            f"{self.depth} on this CPU, no layer changed: run llama.cpp with {flags}")
+                            f"{self.depth} on this CPU, no layer changed: run llama.cpp with {flags}{check}")
             if self.kv_budget is not None and self.ctx is not None and unchanged.kv_bytes(path, self.ctx) <= self.kv_budget:
                 return (f"note: a {cache_type} KV cache alone fits {self.ctx} tokens in "
-                        f"{unchanged.kv_bytes(path, self.ctx):,} bytes, no layer changed: run llama.cpp with {flags}")
+                        f"{unchanged.kv_bytes(path, self.ctx):,} bytes, no layer changed: run llama.cpp with {flags}{check}")
         return None
 
 

@@ -55,6 +55,24 @@ def test_speed_model_is_linear_in_layers_removed() -> None:
         model.speedup("tg", 4096, Change(windowed=(1,), window=256))
 
 
+def test_a_quantized_cache_that_meets_the_target_alone_is_said_in_one_line(smollm2: Path) -> None:
+    f16, q8, q4 = (Change(cache_type=kind).kv_bytes(smollm2, 4096) for kind in ("f16", "q8_0", "q4_0"))
+    assert q4 < q8 < f16
+    note = Budget(kv_budget=q8, ctx=4096).cache_alone(smollm2, None)
+    assert note == (f"note: a q8_0 KV cache alone fits 4096 tokens in {q8:,} bytes, no layer changed: run llama.cpp with "
+                    f"-ctk q8_0 -ctv q8_0; check its perplexity first: gatenorm-edge ppl {smollm2.name} --text FILE "
+                    "--cache-type q8_0")
+    smaller = Budget(kv_budget=q8 - 1, ctx=4096).cache_alone(smollm2, None)
+    assert smaller is not None and smaller.startswith(f"note: a q4_0 KV cache alone fits 4096 tokens in {q4:,} bytes")
+    assert Budget(kv_budget=q4 - 1, ctx=4096).cache_alone(smollm2, None) is None
+    speed = SpeedModel(smollm2.name, "0" * 64, "cpu", 2, True, [4096], 10, per_depth(0.010), per_depth(0.0005),
+                       per_depth(0.0001), 1.0, unchanged={"f16": per_depth(0.010), "q8_0": per_depth(0.006)})
+    note = Budget(speedup=1.6, depth=4096).cache_alone(smollm2, speed)
+    assert note is not None and note.startswith("note: a q8_0 KV cache alone is predicted to give 1.667x tg at depth 4096")
+    assert "-ctk q8_0 -ctv q8_0; check its perplexity first" in note and "\n" not in note
+    assert Budget(speedup=1.7, depth=4096).cache_alone(smollm2, speed) is None  # q4_0 was not timed: no claim for it
+
+
 def test_speed_model_is_measured_once_and_cached(stories260k: Path, tmp_path: Path) -> None:
     settings = BenchSettings(prompt=32, gen=4, depths=(64,), reps=1, threads=1)
     first = measure_speed_model(stories260k, settings, cache_dir=tmp_path)

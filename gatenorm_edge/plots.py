@@ -100,8 +100,13 @@ def save_study_plots(result: StudyResult, folder: Path) -> list[Path]:
 
 
 def save_frontier_plot(result: FrontierResult, path: Path) -> None:
+    save_figure(frontier_figure(result), path)
+
+
+def frontier_figure(result: FrontierResult) -> Any:
     """tg speedup at the depth (x) against PPL over the base's (y), one marker per kind of variant, the KV-cache
-    type in the label; the Pareto frontier joined by a line."""
+    type in the label; the Pareto frontier joined by a line. The y axis is logarithmic when the ratios span more
+    than 10x (a q4_0 cache can multiply a model's PPL by hundreds), so the points near 1 stay apart."""
     plt = require_matplotlib()
     figure, axes = plt.subplots(figsize=(7.5, 5.0))
     markers = {"base": "s", "drop": "o", "window": "^"}
@@ -116,6 +121,9 @@ def save_frontier_plot(result: FrontierResult, path: Path) -> None:
     axes.set_ylabel(f"PPL ÷ base's (ctx {result.ctx}, {result.points[0].tokens} tokens)")
     axes.set_title(f"{Path(result.model).name}: squares base, circles drops, triangles windows ({result.window} tokens)",
                    fontsize=9)
+    ratios = [point.ppl_ratio for point in result.points]
+    if max(ratios) > 10 * min(ratios):
+        axes.set_yscale("log")
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    save_figure(figure, path)
+    return figure

@@ -194,6 +194,18 @@ def test_the_frontier_is_the_points_nothing_beats_on_both_counts() -> None:
     assert [p.variant.name for p in points if p.frontier] == ["q8", "fast", "twin"]  # ties both stay
 
 
+@pytest.mark.parametrize(("worst", "scale"), [(3.2, "linear"), (231.0, "log")])
+def test_the_frontier_plot_turns_logarithmic_when_ratios_span_more_than_ten(worst: float, scale: str) -> None:
+    from gatenorm_edge.frontier import FrontierResult, Point, Variant
+    from gatenorm_edge.plots import frontier_figure, require_matplotlib
+
+    points = [Point(Variant(name, "m.gguf", "f16", "base"), 10 * ratio, 0.1, 100, 10.0, 20.0, speedup, 1.0, ratio)
+              for name, speedup, ratio in (("base f16", 1.0, 1.0), ("base q4_0", 0.7, worst), ("window", 1.2, 0.98))]
+    figure = frontier_figure(FrontierResult("m.gguf", "t.txt", 2048, 5, 4096, 512, 2, points, {}))
+    assert figure.axes[0].get_yscale() == scale
+    require_matplotlib().close(figure)
+
+
 def test_a_window_budget_takes_the_fewest_windowed_layers(stories260k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATENORM_CACHE", str(tmp_path / "cache"))
     out, report = tmp_path / "w.gguf", tmp_path / "w.json"

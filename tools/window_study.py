@@ -7,7 +7,8 @@ self-sampled start texts, 16 x 256 tokens: layers dropped or patched) and the on
 Then, one measure at a time over every file and cache type (so a run stopped part-way has whole columns): PPL on
 WikiText-2 test at ctx 4096 and 8192, pass-key at 2k, 4k and 8k, the KV cache at 32k tokens (the geometry's
 figure, and llama.cpp's own allocation where the model's context allows), and tg at the depth measured by
-`bench --vs` against the base with an F16 cache (interleaved, in fresh process sets, the prediction beside it).
+`bench --vs` against the base with an F16 cache (interleaved, in fresh process sets) and llama-bench, each beside
+the prediction of this CPU's speed model for the file (a file planned on another CPU is still timed here).
 
 Resumable: every plan, file and measurement is cached in OUT; a finished item is never recomputed.
 
@@ -40,7 +41,7 @@ from gatenorm_edge.harness.speed import bench, paired_ratio
 from gatenorm_edge.rewrite import window_gguf
 from gatenorm_edge.selfprune import SelfCalibratedPruner, write_plan
 from gatenorm_edge.sources.geometry import gguf_geometry
-from gatenorm_edge.speedmodel import Change, change_of, measure_speed_model, speed_settings
+from gatenorm_edge.speedmodel import Change, SpeedModel, change_of, cpu_name, measure_speed_model, speed_settings
 from gatenorm_edge.windows import WindowChooser
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -54,14 +55,25 @@ def read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def deepest(model: Path, depth: int) -> int:
+    """``depth`` cut to what the training context holds (SmolLM2: 7936 for 8192)."""
+    return speed_settings(model, (depth,)).depths[-1]
+
+
+def speed_models(model: Path, depth: int, window: int, caches: list[str]) -> dict[str, SpeedModel]:
+    """This CPU's speed models of ``model`` at depths 0 and ``depth``, one per cache type (F16 and ``caches``),
+    timed on every core whatever ``threads`` the quality runs use; cached, so measured once per CPU."""
+    settings = speed_settings(model, (0, depth))
+    return {cache: measure_speed_model(model, dataclasses.replace(settings, cache_type=cache), window=window,
+                                       progress=sys.stderr.isatty()) for cache in dict.fromkeys(("f16", *caches))}
+
+
 def plans(model: Path, out: Path, targets: list[float], depth: int, window: int, threads: int | None,
           caches: list[str]) -> dict[str, Any]:
     """Per target: the drop plan (today's default) and the window plan, their files and predicted speedups (with
     the F16 cache, and with each other cache type of ``caches``: a speed model at depth per type)."""
-    settings = speed_settings(model, (0, depth))  # timed on every core, whatever ``threads`` the quality runs use
-    depth = settings.depths[-1]  # cut to what the training context holds (SmolLM2: 7936)
-    speeds = {cache: measure_speed_model(model, dataclasses.replace(settings, cache_type=cache), window=window,
-                                         progress=sys.stderr.isatty()) for cache in dict.fromkeys(("f16", *caches))}
+    speeds = speed_models(model, depth, window, caches)
+    depth = deepest(model, depth)
     n_layers = gguf_geometry(model).n_layers
     for kind, mode in (("drop", "auto"), ("window", WINDOW)):
         missing = [t for t in targets if read(out / f"plan-{kind}-x{t}.json") is None]
@@ -138,17 +150,20 @@ def study(args: argparse.Namespace) -> None:
                 print(f"{measure_name} {cache}: done", flush=True)
         for name, path in files.items():
             cached_json(out / f"kv32k-{name}.json", lambda: kv_figures(model, path))
-    if "speed" in stages:
-        depth = speed_settings(model, (args.depth,)).depths[-1]
+    if "speed" in stages:  # each measurement beside the prediction of the CPU that made it (plans may be older)
+        speeds = speed_models(model, args.depth, args.window, args.caches.split(","))
+        depth = deepest(model, args.depth)
         settings = dataclasses.replace(speed_settings(model, (depth,)), reps=1, processes=3)  # every core
         for name, path in files.items():
             for cache in args.caches.split(","):
                 if name == "base" and cache == "f16":
                     continue
+                predicted = speeds[cache].speedup("tg", depth, change_of(path, cache))
+                here = {"prediction": {"cpu": cpu_name(), "tg_speedup": predicted}}
                 cached_json(out / f"speed-{cache}-{name}.json", lambda: bench(
-                    [model, path], settings, cache_types=["f16", cache]).to_dict())
+                    [model, path], settings, cache_types=["f16", cache]).to_dict() | here)
                 cached_json(out / f"llama-bench-{cache}-{name}.json", lambda: {"depth": depth, "tg_tps": interleaved(
-                    [(model, "f16"), (path, cache)], depth, settings.gen, LLAMA_BENCH_ROUNDS, default_threads())})
+                    [(model, "f16"), (path, cache)], depth, settings.gen, LLAMA_BENCH_ROUNDS, default_threads())} | here)
                 print(f"speed {cache} {name}: done", flush=True)
 
 
@@ -162,12 +177,16 @@ def cell(out: Path, measure_name: str, cache: str, name: str) -> str:
     return f"{item['ppl']:.2f} ± {item['ppl_stderr']:.2f}{ratio}"
 
 
-def ratio_cell(base: list[float], changed: list[float], predicted: float | None) -> str:
-    """The median of round-by-round ratios, their range, and the prediction's error against the median."""
+def ratio_cell(base: list[float], changed: list[float], planned: float | None, measured: dict[str, Any]) -> str:
+    """The median of round-by-round ratios, their range, and the prediction's error against the median: the
+    prediction of the CPU that measured, where the measurement recorded one (and then named), else the plan's."""
     rounds = [after / before for after, before in zip(changed, base)]
-    measured = paired_ratio(changed, base)
-    error = f", {100 * (predicted / measured - 1):+.1f}%" if predicted else ""
-    return f"{measured:.3f}× ({min(rounds):.2f}–{max(rounds):.2f}){error}"
+    ratio = paired_ratio(changed, base)
+    own = measured.get("prediction")
+    predicted = own["tg_speedup"] if own else planned
+    error = f", {100 * (predicted / ratio - 1):+.1f}%" if predicted else ""
+    named = f" of {own['tg_speedup']:.3f}× predicted on {own['cpu']}" if own else ""
+    return f"{ratio:.3f}× ({min(rounds):.2f}–{max(rounds):.2f}){error}{named}"
 
 
 def speed_cell(out: Path, cache: str, name: str, predicted: float | None) -> str:
@@ -176,12 +195,12 @@ def speed_cell(out: Path, cache: str, name: str, predicted: float | None) -> str
         return "—"
     depth = str(speed["depths"][0])
     base, changed = (speed["tg_tps"][label][depth]["samples"] for label in speed["models"])
-    return ratio_cell(base, changed, predicted)
+    return ratio_cell(base, changed, predicted, speed)
 
 
 def llama_bench_cell(out: Path, cache: str, name: str, predicted: float | None) -> str:
     measured = read(out / f"llama-bench-{cache}-{name}.json")
-    return "—" if measured is None else ratio_cell(*measured["tg_tps"], predicted)
+    return "—" if measured is None else ratio_cell(*measured["tg_tps"], predicted, measured)
 
 
 def table(studies: list[tuple[str, Path]]) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -151,19 +152,23 @@ def study(args: argparse.Namespace) -> None:
         for name, path in files.items():
             cached_json(out / f"kv32k-{name}.json", lambda: kv_figures(model, path))
     if "speed" in stages:  # each measurement beside the prediction of the CPU that made it (plans may be older)
-        speeds = speed_models(model, args.depth, args.window, args.caches.split(","))
         depth = deepest(model, args.depth)
         settings = dataclasses.replace(speed_settings(model, (depth,)), reps=1, processes=3)  # every core
+        speeds = functools.cache(lambda: speed_models(model, args.depth, args.window, args.caches.split(",")))
+
+        def here(path: Path, cache: str) -> dict[str, Any]:  # asked only for a missing measurement: on a new CPU
+            predicted = speeds()[cache].speedup("tg", depth, change_of(path, cache))  # the models take an hour
+            return {"prediction": {"cpu": cpu_name(), "tg_speedup": predicted}}
+
         for name, path in files.items():
             for cache in args.caches.split(","):
                 if name == "base" and cache == "f16":
                     continue
-                predicted = speeds[cache].speedup("tg", depth, change_of(path, cache))
-                here = {"prediction": {"cpu": cpu_name(), "tg_speedup": predicted}}
                 cached_json(out / f"speed-{cache}-{name}.json", lambda: bench(
-                    [model, path], settings, cache_types=["f16", cache]).to_dict() | here)
+                    [model, path], settings, cache_types=["f16", cache]).to_dict() | here(path, cache))
                 cached_json(out / f"llama-bench-{cache}-{name}.json", lambda: {"depth": depth, "tg_tps": interleaved(
-                    [(model, "f16"), (path, cache)], depth, settings.gen, LLAMA_BENCH_ROUNDS, default_threads())} | here)
+                    [(model, "f16"), (path, cache)], depth, settings.gen, LLAMA_BENCH_ROUNDS, default_threads())}
+                    | here(path, cache))
                 print(f"speed {cache} {name}: done", flush=True)
 
 
